@@ -1,0 +1,541 @@
+"""Tests for vdm/nets: shapes, conditioning paths, dropout, dtypes, errors.
+
+The nets zero-initialise their output layer and every residual branch's last
+layer (so at init each returns exactly z_t). Tests of what the output depends
+on therefore first perturb every parameter (`perturb`); otherwise gamma,
+labels and dropout could be ignored and the test would still pass.
+"""
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm import nets
+from vdm.nets import layers
+from vdm.nets import parameterization as param
+
+# Tiny configurations, one per net (widths divisible by num_groups=4).
+TINY = {
+    "vdm_unet": dict(channels=16, n_blocks=1, num_groups=4, dropout=0.1),
+    "unet": dict(channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(4,), num_groups=4, dropout=0.1),
+    "mlp": dict(hidden=16, num_blocks=2, num_groups=2, dropout=0.1),
+}
+SHAPES = {"vdm_unet": (3, 8, 8, 3), "unet": (3, 8, 8, 3), "mlp": (3, 2)}
+
+
+def perturb(variables, seed, scale=0.2):
+  """Adds N(0, scale^2) to every parameter, undoing the zero inits (numpy
+  draws: eager jax.random would compile once per parameter shape)."""
+  rs = np.random.RandomState(seed)
+  return jax.tree_util.tree_map(
+      lambda x: x + jnp.asarray(scale * rs.normal(size=x.shape), x.dtype),
+      variables)
+
+
+def num_params(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def init_jit(net, z_t):
+  """Variables of `net` for input z_t, initialised under jit (one compile
+  instead of one per eager op). The 'rbg' key halves the compile time of the
+  ~100 random initialisers on CPU (threefry is expanded per tensor)."""
+  key = jax.random.key(1, impl="rbg")
+  return jax.jit(net.init)(key, z_t, jnp.zeros(z_t.shape[0]))
+
+
+def random_variables(net, z_t, seed=0, scale=0.2):
+  """N(0, scale^2) parameters of the right shapes; eval_shape, no compile."""
+  shapes = jax.eval_shape(net.init, jax.random.key(0), z_t,
+                          jnp.zeros(z_t.shape[0]))
+  rs = np.random.RandomState(seed)
+  return jax.tree_util.tree_map(
+      lambda x: jnp.asarray(scale * rs.normal(size=x.shape), x.dtype), shapes)
+
+
+def make(name, shape=None, **overrides):
+  """(net, z_t, random variables) for a tiny net."""
+  net = nets.get(name, **{**TINY[name], **overrides})
+  z_t = jax.random.normal(jax.random.key(0), shape or SHAPES[name])
+  return net, z_t, random_variables(net, z_t)
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def tiny(request):
+  """One tiny net per name, conditional on 3 classes: its initial and its
+  perturbed variables, and jitted train and eval applies shared by tests."""
+  name = request.param
+  net = nets.get(name, **TINY[name], num_classes=3)
+  z_t = jax.random.normal(jax.random.key(0), SHAPES[name])
+  initial = init_jit(net, z_t)
+  variables = perturb(initial, 2)
+  apply = jax.jit(lambda v, z, g, y, key: net.apply(
+      v, z, g, y, train=True, rngs={"dropout": key}))
+  apply_eval = jax.jit(lambda v, z, g, y: net.apply(v, z, g, y, train=False))
+  return name, net, z_t, variables, apply, apply_eval, initial
+
+
+# ---------------------------------------------------------------- shapes
+@pytest.mark.parametrize("name,shape,kwargs", [
+    ("vdm_unet", (1, 32, 32, 1), {"attention": True}),
+    ("unet", (3, 28, 28, 1), {"channel_mult": (1, 2, 2),
+                              "attention_resolutions": (7,)}),
+    ("mlp", (1, 8, 8, 3), {}),
+])
+def test_output_shapes_and_dtype(name, shape, kwargs):
+  net, z_t, variables = make(name, shape, **kwargs)
+  out = jax.jit(net.apply)(variables, z_t, jnp.linspace(-5.0, 5.0, shape[0]))
+  assert out.shape == shape and out.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(out)))
+  assert float(jnp.abs(out - z_t).max()) > 1e-3
+
+
+def test_fixture_nets_shapes_zero_init_and_no_skip(tiny):
+  name, net, z_t, variables, _, apply_eval, initial = tiny
+  gamma = jnp.linspace(-5.0, 5.0, z_t.shape[0])
+  out = apply_eval(variables, z_t, gamma, None)
+  assert out.shape == z_t.shape and out.dtype == jnp.float32
+  # Zero-initialised output layer + skip from z: at init eps_hat = z_t.
+  np.testing.assert_array_equal(apply_eval(initial, z_t, gamma, None), z_t)
+  no_skip = nets.get(name, **TINY[name], num_classes=3, z_skip=False)
+  out_no_skip = jax.jit(no_skip.apply)(variables, z_t, gamma)
+  np.testing.assert_allclose(out_no_skip, out - z_t, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_on_images_is_mlp_on_flattened_vectors():
+  net, z_t, variables = make("mlp", (3, 4, 4, 2))
+  gamma = jnp.array([-3.0, 0.0, 2.0])
+  out_img = jax.jit(net.apply)(variables, z_t, gamma)
+  out_vec = jax.jit(net.apply)(variables, z_t.reshape(3, -1), gamma)
+  assert out_img.shape == (3, 4, 4, 2)
+  np.testing.assert_allclose(out_img.reshape(3, -1), out_vec, rtol=1e-6,
+                             atol=1e-6)
+
+
+# ------------------------------------------------- parameter count (paper)
+def _paper_unet_count(n_blocks, channels, in_channels=3, num_exponents=2):
+  """Closed-form parameter count of the VDM paper U-Net, by hand."""
+  c, e = channels, 4 * channels
+  conv = lambda cin, cout: 9 * cin * cout + cout
+  norm = lambda ch: 2 * ch
+  embedding = (c * e + e) + (e * e + e)
+  conv_in = conv(in_channels * (1 + 2 * num_exponents), c)
+  block = norm(c) + conv(c, c) + e * c + norm(c) + conv(c, c)
+  up_block = (norm(2 * c) + conv(2 * c, c) + e * c + norm(c) + conv(c, c)
+              + 2 * c * c + c)                                # + 1x1 shortcut
+  attention = norm(c) + 4 * (c * c + c)                       # q, k, v, out
+  out = norm(c) + conv(c, in_channels)
+  return (embedding + conv_in + (n_blocks + 2) * block
+          + (n_blocks + 1) * up_block + attention + out)
+
+
+@pytest.mark.parametrize("n_blocks,channels,official", [
+    (32, 128, 30_578_179),   # the paper's CIFAR-10 setting
+    (2, 32, 223_555),        # the peer benchmark's `tiny` preset
+])
+def test_vdm_unet_param_count_matches_paper_and_official(n_blocks, channels,
+                                                         official):
+  # num_groups does not change the count; 8 keeps >= 2 channels per group.
+  net = nets.get("vdm_unet", n_blocks=n_blocks, channels=channels,
+                 num_groups=8)
+  shapes = jax.eval_shape(net.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+                          jax.ShapeDtypeStruct((1,), jnp.float32))
+  count = num_params(shapes)
+  assert count == _paper_unet_count(n_blocks, channels)
+  # Official score model (google-research/vdm@dc27b98, bench_official.py
+  # score_model_param_count): its first embedding Dense also reads a
+  # conditioning scalar (always 0 for CIFAR-10): 4 * channels more weights.
+  assert count == official - 4 * channels
+  assert abs(count - official) / official < 0.01
+  if n_blocks == 32:
+    assert count == 30_577_667
+
+
+OFFICIAL_MODEL = os.path.join(
+    os.environ.get("VDM_PEER_DIR", os.path.join(
+        os.path.dirname(__file__), "..", "..", "shared", "peers",
+        "google-research-vdm")), "model_vdm.py")
+
+
+@pytest.mark.skipif(not os.path.isfile(OFFICIAL_MODEL),
+                    reason="official VDM code not available (VDM_PEER_DIR)")
+@pytest.mark.parametrize("attention", [False, True])
+def test_vdm_unet_equals_official_network_with_mapped_params(attention):
+  """Same function as the official ScoreUNet (google-research/vdm@dc27b98),
+  given its parameters: the strongest fidelity check of the architecture.
+  model_vdm.py is loaded by path under another name (no `vdm` shadowing)."""
+  spec = importlib.util.spec_from_file_location("official_model_vdm",
+                                                OFFICIAL_MODEL)
+  official = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(official)
+  config = official.VDMConfig(
+      vocab_size=256, sample_softmax=False, antithetic_time_sampling=True,
+      with_fourier_features=True, with_attention=attention,
+      gamma_type="learnable_scalar", gamma_min=-13.3, gamma_max=5.0,
+      sm_n_timesteps=0, sm_n_embd=64, sm_n_layer=1, sm_pdrop=0.1)
+  score_unet = official.ScoreUNet(config)
+  z_t = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))
+  gamma = jnp.array([-13.0, 0.0, 4.5])
+  cond = jnp.zeros(3)
+  p = jax.jit(lambda key: score_unet.init(key, z_t, gamma, cond, True))(
+      jax.random.key(0, impl="rbg"))["params"]
+  p = perturb(p, 5, scale=0.2)
+  expected = jax.jit(lambda p: score_unet.apply({"params": p}, z_t, gamma,
+                                                cond, True))(p)
+
+  gn = lambda src: {"scale": src["scale"], "bias": src["bias"]}
+  def block(src):
+    out = {"norm_1": gn(src["GroupNorm_0"]), "norm_2": gn(src["GroupNorm_1"]),
+           "conv_1": src["conv1"], "conv_2": src["conv2"],
+           "cond": src["cond_proj"]}
+    if "nin_shortcut" in src:
+      out["shortcut"] = src["nin_shortcut"]
+    return out
+  def attn(src):
+    cat = lambda leaf: jnp.concatenate([src[n][leaf] for n in "qkv"], -1)
+    return {"norm": gn(src["GroupNorm_0"]), "proj_out": src["proj_out"],
+            "qkv": {"kernel": cat("kernel"), "bias": cat("bias")}}
+  mapped = {
+      # The official first Dense also reads the conditioning scalar (0 here):
+      # its last input row never contributes.
+      "embedding": {"dense_0": {"kernel": p["dense0"]["kernel"][:-1],
+                                "bias": p["dense0"]["bias"]},
+                    "dense_1": p["dense1"]},
+      "conv_in": p["conv_in"], "conv_out": p["conv_out"],
+      "norm_out": gn(p["GroupNorm_0"]),
+      "down_0": block(p["down.block_0"]),
+      "mid_block_1": block(p["mid.block_1"]),
+      "mid_attention": attn(p["mid.attn_1"]),
+      "mid_block_2": block(p["mid.block_2"]),
+      "up_0": block(p["up.block_0"]), "up_1": block(p["up.block_1"])}
+  if attention:
+    mapped.update({"down_attention_0": attn(p["down.attn_0"]),
+                   "up_attention_0": attn(p["up.attn_0"]),
+                   "up_attention_1": attn(p["up.attn_1"])})
+  net = nets.get("vdm_unet", n_blocks=1, channels=64, attention=attention)
+  out = jax.jit(net.apply)({"params": mapped}, z_t, gamma)
+  assert float(jnp.abs(expected - z_t).max()) > 0.1       # not trivially z
+  # Same operations in the same order: equal up to float32 reassociation.
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------- conditioning
+def test_output_depends_on_gamma_per_example(tiny):
+  name, net, z_t, variables, _, apply_eval, _ = tiny
+  z_same = jnp.broadcast_to(z_t[:1], z_t.shape)
+  gamma = jnp.array([-10.0, 0.0, 4.0])
+  out = apply_eval(variables, z_same, gamma, None)
+  # Same input, different gamma per example -> different outputs.
+  diffs = [float(jnp.abs(out[i] - out[j]).max()) for i, j in [(0, 1), (1, 2)]]
+  assert min(diffs) > 1e-3, (name, diffs)
+  # Example i depends on z_i and gamma_i only: changing example 0 leaves
+  # the others unchanged (no statistics across the batch).
+  changed = apply_eval(variables, z_same.at[0].multiply(-2.0),
+                       gamma.at[0].set(2.0), None)
+  assert float(jnp.abs(changed[0] - out[0]).max()) > 1e-3
+  np.testing.assert_allclose(changed[1:], out[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_scalar_gamma_broadcasts():
+  net, z_t, variables = make("mlp")
+  apply = jax.jit(net.apply)
+  # Different traces (scalar vs [B]); 1e-4 covers fusion-order rounding.
+  np.testing.assert_allclose(apply(variables, z_t, 0.5),
+                             apply(variables, z_t, jnp.full((3,), 0.5)),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_labels_change_output_and_none_is_null_label(tiny):
+  name, net, z_t, variables, _, apply_eval, _ = tiny
+  table = variables["params"]["embedding"]["label_embedding"]["embedding"]
+  assert table.shape[0] == 3 + 1                  # num_classes + null row
+  gamma = jnp.zeros(z_t.shape[0])
+  out_0 = apply_eval(variables, z_t, gamma, jnp.zeros(3, jnp.int32))
+  out_1 = apply_eval(variables, z_t, gamma, jnp.ones(3, jnp.int32))
+  out_none = apply_eval(variables, z_t, gamma, None)
+  out_null = apply_eval(variables, z_t, gamma, jnp.full(3, 3, jnp.int32))
+  assert float(jnp.abs(out_0 - out_1).max()) > 1e-3, name
+  assert float(jnp.abs(out_0 - out_none).max()) > 1e-3, name
+  np.testing.assert_array_equal(out_none, out_null)
+
+
+# ---------------------------------------------------------------- dropout
+def test_dropout_uses_its_rng_and_is_off_in_eval(tiny):
+  name, net, z_t, variables, apply, apply_eval, _ = tiny
+  gamma = jnp.zeros(z_t.shape[0])
+  out_a = apply(variables, z_t, gamma, None, jax.random.key(10))
+  out_a2 = apply(variables, z_t, gamma, None, jax.random.key(10))
+  out_b = apply(variables, z_t, gamma, None, jax.random.key(11))
+  np.testing.assert_array_equal(out_a, out_a2)
+  assert float(jnp.abs(out_a - out_b).max()) > 1e-3, name
+  # Eval: no rng needed, deterministic, and differs from a train draw.
+  out_eval = apply_eval(variables, z_t, gamma, None)
+  np.testing.assert_array_equal(out_eval,
+                                apply_eval(variables, z_t, gamma, None))
+  assert float(jnp.abs(out_eval - out_a).max()) > 1e-3
+
+
+def test_dropout_layer_keep_rate_and_scale():
+  x = jnp.ones((200, 500))
+  out = layers.Dropout(0.1).apply({}, x, deterministic=False,
+                                  rngs={"dropout": jax.random.key(0)})
+  keep = 58982 / 65536                      # round(0.9 * 2^16) / 2^16
+  kept = np.asarray(out) != 0
+  np.testing.assert_allclose(np.asarray(out)[kept], 1 / keep, rtol=1e-6)
+  # Kept fraction within 5 standard errors of keep (1e5 Bernoulli draws).
+  stderr = math.sqrt(keep * (1 - keep) / x.size)
+  assert abs(kept.mean() - keep) < 5 * stderr
+  # Independent halves of each 32-bit draw: no correlation between the
+  # two elements sharing a word (neighbours in the flattened order).
+  flat = kept.reshape(-1, 2).astype(float)
+  corr = np.corrcoef(flat[:, 0], flat[:, 1])[0, 1]
+  assert abs(corr) < 5 / math.sqrt(flat.shape[0])
+  np.testing.assert_array_equal(
+      layers.Dropout(0.1).apply({}, x, deterministic=True), x)
+
+
+# ------------------------------------------------------------------ dtype
+def test_bfloat16_compute_returns_float32_close_to_float32(tiny):
+  name, net, z_t, variables, _, apply_eval, _ = tiny
+  # z_skip=False: the output is the network's own (bf16-computed) result.
+  net_bf16 = nets.get(name, **TINY[name], num_classes=3, dtype=jnp.bfloat16,
+                      z_skip=False)
+  shapes = jax.eval_shape(net_bf16.init, jax.random.key(1), z_t,
+                          jnp.zeros(z_t.shape[0]))
+  assert {x.dtype for x in jax.tree_util.tree_leaves(shapes)} == {
+      jnp.dtype(jnp.float32)}
+  gamma = jnp.array([-4.0, 0.0, 3.0])
+  out_32 = apply_eval(variables, z_t, gamma, None) - z_t
+  out_16 = jax.jit(net_bf16.apply)(variables, z_t, gamma)
+  assert out_16.dtype == jnp.float32
+  # bfloat16 keeps 8 mantissa bits (rel. 4e-3 per op); a few layers of
+  # rounding stay within a few percent of the output's scale.
+  scale = float(jnp.abs(out_32).max())
+  assert float(jnp.abs(out_16 - out_32).max()) < 0.05 * scale
+  assert float(jnp.abs(out_16 - out_32).max()) > 0.0     # it did use bf16
+
+
+# ---------------------------------------------------------- layer maths
+def test_fourier_features_closed_form():
+  z = np.array([[-0.99, 0.0, 0.37], [0.5, 0.123, -0.25]], np.float32)
+  out = layers.fourier_features(z, min_exponent=6, max_exponent=8)
+  z64 = z.astype(np.float64)
+  args = np.stack([2 * np.pi * 2.0**n * z64 for n in (6, 7)], -1)  # [2, 3, 2]
+  expected = np.concatenate([np.sin(args).reshape(2, -1),
+                             np.cos(args).reshape(2, -1)], -1)
+  # float32 phase 2 pi 128 z: |arg| <= 800, float32 ulp there ~6e-5.
+  np.testing.assert_allclose(out, expected, atol=2e-4)
+
+
+def test_timestep_embedding_and_gamma_rescaling_closed_form():
+  gamma = np.array([-13.3, 0.0, 5.0])
+  t = layers.rescale_gamma(gamma, gamma_min=-13.3, gamma_max=5.0)
+  np.testing.assert_allclose(t, (gamma + 13.3) / 18.3 * 1000, rtol=1e-6)
+  emb = layers.timestep_embedding(t, 9)
+  freqs = np.exp(-np.log(10000.0) * np.arange(4) / 3)
+  args = np.asarray(t, np.float64)[:, None] * freqs
+  expected = np.concatenate([np.sin(args), np.cos(args), np.zeros((3, 1))], 1)
+  np.testing.assert_allclose(emb, expected, atol=5e-4)   # |args| <= 1000
+
+
+def test_group_norm_matches_numpy():
+  x = np.random.RandomState(0).normal(2.0, 3.0, (2, 4, 4, 6)).astype(
+      np.float32)
+  module = layers.GroupNorm(num_groups=3)
+  rs = np.random.RandomState(1)
+  variables = {"params": {"scale": rs.normal(size=6).astype(np.float32),
+                          "bias": rs.normal(size=6).astype(np.float32)}}
+  out = jax.jit(module.apply)(variables, x)
+  g = x.astype(np.float64).reshape(2, 4, 4, 3, 2)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  expected = ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
+  p = variables["params"]
+  expected = expected * np.asarray(p["scale"]) + np.asarray(p["bias"])
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_attention_matches_numpy(num_heads):
+  x = np.random.RandomState(0).normal(size=(2, 3, 2, 4)).astype(np.float32)
+  module = layers.AttentionBlock(num_heads=num_heads, num_groups=2)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+  rs = np.random.RandomState(num_heads)
+  variables = jax.tree_util.tree_map(
+      lambda a: rs.normal(size=a.shape).astype(np.float32), shapes)
+  out = jax.jit(module.apply)(variables, x)
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
+                             variables["params"])
+  g = x.astype(np.float64).reshape(2, 6, 2, 2)             # [B, L, G, C/G]
+  g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(
+      g.var((1, 3), keepdims=True) + 1e-6)
+  h = g.reshape(2, 6, 4) * p["norm"]["scale"] + p["norm"]["bias"]
+  qkv = h @ p["qkv"]["kernel"] + p["qkv"]["bias"]             # [B, L, 3 C]
+  q, k, v = np.split(qkv, 3, axis=-1)
+  d = 4 // num_heads
+  heads = []
+  for n in range(num_heads):
+    s = slice(n * d, (n + 1) * d)
+    logits = q[..., s] @ np.swapaxes(k[..., s], 1, 2) / np.sqrt(d)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    heads.append((w / w.sum(-1, keepdims=True)) @ v[..., s])
+  attn = np.concatenate(heads, -1) @ p["proj_out"]["kernel"]
+  expected = x + (attn + p["proj_out"]["bias"]).reshape(x.shape)
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------- parameterisation
+GAMMAS = np.linspace(-10.0, 10.0, 11)
+
+
+def _data(seed=0):
+  """float64 x, eps, z_t, v per gamma in GAMMAS: [11, 5]."""
+  rs = np.random.RandomState(seed)
+  x = rs.uniform(-1, 1, (11, 5))
+  eps = rs.normal(size=(11, 5))
+  alpha = np.sqrt(1 / (1 + np.exp(GAMMAS)))[:, None]
+  sigma = np.sqrt(1 / (1 + np.exp(-GAMMAS)))[:, None]
+  return x, eps, alpha * x + sigma * eps, alpha * eps - sigma * x
+
+
+def _tol(amplification):
+  # float32 inputs (rel. 6e-8) amplified by alpha/sigma or sigma/alpha.
+  return np.broadcast_to(4e-7 * (1 + amplification)[:, None], (11, 5))
+
+
+def test_to_eps_and_to_x_match_float64_closed_forms():
+  x, eps, z, v = _data()
+  ratio = np.exp(np.abs(GAMMAS) / 2)            # worst of alpha/sigma, inverse
+  for name, pred in [("eps", eps), ("x", x), ("v", v)]:
+    eps_hat = param.to_eps(pred.astype(np.float32), z.astype(np.float32),
+                           GAMMAS, parameterization=name)
+    assert eps_hat.dtype == jnp.float32
+    np.testing.assert_array_less(np.abs(eps_hat - eps), 4 * _tol(ratio))
+    x_hat = param.to_x(pred.astype(np.float32), z.astype(np.float32), GAMMAS,
+                       parameterization=name)
+    np.testing.assert_array_less(np.abs(x_hat - x), 4 * _tol(ratio))
+    target = param.from_eps(eps.astype(np.float32), z.astype(np.float32),
+                            GAMMAS, parameterization=name)
+    np.testing.assert_array_less(np.abs(target - pred), 4 * _tol(ratio))
+
+
+@pytest.mark.parametrize("forward,backward", [
+    (param.eps_to_x, param.x_to_eps), (param.x_to_eps, param.eps_to_x),
+    (param.eps_to_v, param.v_to_eps), (param.v_to_eps, param.eps_to_v),
+    (param.x_to_v, param.v_to_x), (param.v_to_x, param.x_to_v),
+])
+def test_round_trips(forward, backward):
+  x, eps, z, v = _data(1)
+  start = {"eps_to_x": eps, "x_to_eps": x, "eps_to_v": eps, "v_to_eps": v,
+           "x_to_v": x, "v_to_x": v}[forward.__name__]
+  z32, start32 = z.astype(np.float32), start.astype(np.float32)
+  back = backward(forward(start32, z32, GAMMAS), z32, GAMMAS)
+  ratio = np.exp(np.abs(GAMMAS) / 2)
+  np.testing.assert_array_less(np.abs(back - start32), 8 * _tol(ratio))
+
+
+def test_alpha_sigma_stable_in_tails():
+  alpha, sigma = param.alpha_sigma(jnp.array([-80.0, 0.0, 80.0]))
+  np.testing.assert_allclose(alpha, [1.0, np.sqrt(0.5), np.exp(-40.0)],
+                             rtol=1e-6)
+  np.testing.assert_allclose(sigma, [np.exp(-40.0), np.sqrt(0.5), 1.0],
+                             rtol=1e-6)
+
+
+# ----------------------------------------------------------------- errors
+def _init(net, shape):
+  # Errors are raised while tracing: eval_shape compiles nothing.
+  jax.eval_shape(net.init, jax.random.key(0), jnp.zeros(shape),
+                 jnp.zeros(shape[0]))
+
+
+@pytest.mark.parametrize("make_net,shape,exc,match", [
+    (lambda: nets.get("unet", **{**TINY["unet"], "channel_mult": (1, 2, 2, 2),
+                                 "attention_resolutions": ()}),
+     (1, 28, 28, 1), ValueError,
+     r"divisible by 8; got 28x28\. Use at most 3 levels"),
+    (lambda: nets.get("unet", **TINY["unet"]), (1, 9, 8, 1), ValueError,
+     r"divisible by 2; got 9x8"),
+    (lambda: nets.get("unet", **{**TINY["unet"],
+                                 "attention_resolutions": (16,)}),
+     (1, 8, 8, 1), ValueError, r"\[16\], which no level has.*\[8, 4\]"),
+    (lambda: nets.get("vdm_unet", channels=24, n_blocks=1), (1, 8, 8, 3),
+     ValueError, r"24 channels are not divisible by num_groups=32"),
+    (lambda: nets.get("vdm_unet", channels=32, n_blocks=1), (1, 8, 8, 3),
+     ValueError, r"one channel per group.*use num_groups <= 16"),
+    (lambda: nets.get("unet", **{**TINY["unet"], "channels": 6}),
+     (1, 8, 8, 3), ValueError, r"6 channels are not divisible by num_groups=4"),
+    (lambda: nets.get("mlp", hidden=10, num_groups=4), (2, 2), ValueError,
+     r"10 channels are not divisible by num_groups=4"),
+    (lambda: nets.get("vdm_unet", **TINY["vdm_unet"]), (2, 5), ValueError,
+     r"shape \[B, H, W, C\]; got shape \(2, 5\)"),
+    (lambda: nets.get("vdm_unet", **TINY["vdm_unet"], fourier_min=8),
+     (1, 8, 8, 3), ValueError, r"fourier_min < fourier_max"),
+    (lambda: nets.get("mlp", **{**TINY["mlp"], "dropout": 1.0}), (2, 2),
+     ValueError,
+     r"dropout must be in \[0, 1\); got 1.0"),
+])
+def test_construction_errors(make_net, shape, exc, match):
+  with pytest.raises(exc, match=match):
+    _init(make_net(), shape)
+
+
+def test_unknown_net_name():
+  with pytest.raises(ValueError, match=r"unknown net 'resnet'; known: "
+                     r"vdm_unet, unet, mlp"):
+    nets.get("resnet")
+
+
+def test_dtype_by_name():
+  assert nets.get("mlp", dtype="bfloat16").dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="unknown compute dtype 'int8'"):
+    nets.get("mlp", dtype="int8")
+
+
+def test_unknown_net_field():
+  with pytest.raises(TypeError, match="hiden"):
+    nets.get("mlp", hiden=3)
+
+
+def test_unknown_parameterization():
+  with pytest.raises(ValueError, match=r"unknown parameterization 'score'; "
+                     r"known: eps, x, v"):
+    param.to_eps(jnp.zeros(2), jnp.zeros(2), 0.0, parameterization="score")
+  with pytest.raises(ValueError, match=r"prediction has shape \(3,\)"):
+    param.to_eps(jnp.zeros(3), jnp.zeros(2), 0.0, parameterization="v")
+
+
+def test_call_errors():
+  # Raised while tracing: eval_shape compiles nothing.
+  net, z_t, variables = make("mlp")
+  apply = lambda *args: jax.eval_shape(net.apply, variables, z_t, *args)
+  with pytest.raises(ValueError, match=r"num_classes=0 \(unconditional"):
+    apply(0.0, jnp.zeros(3, jnp.int32))
+  with pytest.raises(ValueError, match=r"gamma_t must have shape \[\] or "
+                     r"\[B\] = \(3,\); got \(2,\)"):
+    apply(jnp.zeros(2))
+  cond, z_t, variables = make("mlp", num_classes=2)
+  apply = lambda *args: jax.eval_shape(cond.apply, variables, z_t, *args)
+  with pytest.raises(TypeError, match="labels must be integers"):
+    apply(0.0, jnp.zeros(3))
+  with pytest.raises(ValueError, match=r"labels must have shape \[B\]"):
+    apply(0.0, jnp.zeros((3, 1), jnp.int32))
+
+
+def test_check_labels():
+  nets.check_labels(np.array([0, 1, 9]), 10)
+  nets.check_labels(None, 0)
+  with pytest.raises(ValueError, match=r"\[0, 10\); got 2 outside, e.g. "
+                     r"\[10, -1\]"):
+    nets.check_labels(np.array([0, 10, 3, -1]), 10)
+  with pytest.raises(TypeError, match="labels must be integers; got dtype "
+                     "float32"):
+    nets.check_labels(np.zeros(3, np.float32), 10)
+  with pytest.raises(ValueError, match=r"num_classes=0"):
+    nets.check_labels(np.zeros(3, np.int32), 0)
