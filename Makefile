@@ -27,10 +27,15 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(PY) -m vdm.demo --workdir=$(WORKDIR)
+	$(PY) -m vdm.main --config=configs/mnist5k.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
+
+# Train-step benchmark vs the official code (see README's results).
+bench: $(VENV)/.installed
+	bash experiments/peer_env.sh
+	$(PY) experiments/benchmark_train.py --preset tiny --batch_size 16
 
 # Full Fashion-MNIST offline from Debian (needs root): see README.
 fashion-mnist:

@@ -253,13 +253,15 @@ def state_sharding(mesh: jax.sharding.Mesh, abstract_state: PyTree, *,
   return jax.tree.map(leaf_sharding, abstract_state)
 
 
-def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
+def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, *,
+                     field: str = "config.training.batch_size") -> int:
   """Checks that a global batch splits evenly over processes and devices.
 
   Args:
     global_batch_size: examples per step summed over all devices
       (`config.training.batch_size`).
     mesh: the mesh from `make_mesh`.
+    field: the config field named in error messages.
   Returns:
     The number of examples each process loads per step.
   Raises:
@@ -283,13 +285,13 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
     raise ValueError(
         f"global batch size {global_batch_size} is not divisible by the "
         f"number of processes {num_processes} (each loads an equal share); "
-        f"set config.training.batch_size to a multiple of {num_processes}, "
+        f"set {field} to a multiple of {num_processes}, "
         f"e.g. {multiples(num_processes)}.")
   if global_batch_size % num_devices:
     raise ValueError(
         f"global batch size {global_batch_size} is not divisible by the "
         f"device count {num_devices} of the mesh (each device gets an "
-        f"equal share); set config.training.batch_size to a multiple of "
+        f"equal share); set {field} to a multiple of "
         f"{num_devices}, e.g. {multiples(num_devices)}.")
   return global_batch_size // num_processes
 

@@ -1,0 +1,20 @@
+"""The paper's CIFAR-10 architecture shrunk to a CPU-sized smoke run.
+
+  python -m vdm.main --config=configs/cifar10_small.py --workdir=runs/c10s
+"""
+from configs import cifar10
+
+
+def get_config():
+  config = cifar10.get_config()
+  config.model.net_kwargs.n_blocks = 2   # the paper: 32
+  config.model.net_kwargs.channels = 32  # the paper: 128
+  config.training.batch_size = 8         # fits 2 CPU cores; paper: 128
+  config.training.eval_batch_size = 100
+  config.training.num_steps = 200
+  config.training.log_every = 20
+  config.training.eval_every = 0
+  config.training.checkpoint_every = 100
+  config.sampling.num_steps = 50
+  config.sampling.num_samples = 16
+  return config

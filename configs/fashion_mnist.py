@@ -1,0 +1,13 @@
+"""VDM on the full Fashion-MNIST (60k/10k), offline from Debian's package.
+
+  make fashion-mnist      # apt-get install dataset-fashion-mnist (root)
+  python -m vdm.main --config=configs/fashion_mnist.py --workdir=runs/fmnist
+"""
+from configs import mnist5k_long
+
+
+def get_config():
+  config = mnist5k_long.get_config()
+  config.data.dataset = "fashion_mnist"
+  config.training.eval_batch_size = 500
+  return config

@@ -1,0 +1,197 @@
+"""The training system end to end on tiny configs (digits, 8x8)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import matplotlib.image
+import ml_collections
+import numpy as np
+import pytest
+
+from vdm import checkpointing
+from vdm import config_lib
+from vdm import train
+import tiny_config as tiny_config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """tests/tiny_config.py with `group__field=value` overrides."""
+  config = tiny_config_lib.get_config()
+  for name, value in overrides.items():
+    group, field = name.split("__")
+    config[group][field] = value
+  return config
+
+
+def final_params(workdir):
+  """Params of the newest checkpoint in WORKDIR as numpy."""
+  trainer = train.Trainer(tiny_config())
+  ckpt = checkpointing.Manager(os.path.join(workdir, "checkpoints"),
+                               async_save=False)
+  state, _, step = ckpt.restore_latest(trainer.init_state())
+  ckpt.close()
+  return step, jax.device_get(state.params), jax.device_get(state.ema_params)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted 6-step run (final eval on, samples and plots on)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  result = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, result
+
+
+def test_run_writes_eval_json_samples_plots_and_events(reference_run):
+  workdir, result = reference_run
+  with open(os.path.join(workdir, "eval", "test_6.json")) as f:
+    record = json.load(f)
+  assert record["num_examples"] == 359          # the whole split, padded
+  assert record["step"] == 6
+  for key in ("bpd", "bpd_recon", "bpd_prior", "bpd_diff"):
+    assert np.isfinite(record[key])
+  np.testing.assert_allclose(
+      record["bpd"], record["bpd_recon"] + record["bpd_prior"] +
+      record["bpd_diff"], rtol=1e-5)
+  assert record["bpd"] == result["bpd"]
+  assert "dataset_version" in record
+  assert os.path.exists(os.path.join(workdir, "samples", "6.png"))
+  assert os.path.exists(os.path.join(workdir, "samples", "6.npz"))
+  assert os.path.exists(os.path.join(workdir, "plots", "schedule_6.png"))
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["data"]["dataset"] == "digits"
+
+
+def test_eval_is_deterministic_to_the_bit(reference_run):
+  workdir, result = reference_run
+  trainer = train.Trainer(tiny_config())
+  ckpt = checkpointing.Manager(os.path.join(workdir, "checkpoints"),
+                               async_save=False)
+  state, _, _ = ckpt.restore_latest(trainer.init_state())
+  ckpt.close()
+  again = trainer.evaluate(state.ema_params)
+  assert again["bpd"] == result["bpd"]
+  assert again["num_examples"] == 359
+
+
+_KILL_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from vdm import checkpointing, train
+    import tiny_config
+    original = checkpointing.Manager.save
+    def save_then_die(self, step, *args, **kwargs):
+      out = original(self, step, *args, **kwargs)
+      if step == 4:   # right after starting the (async) save of step 4
+        os.kill(os.getpid(), signal.SIGKILL)
+      return out
+    checkpointing.Manager.save = save_then_die
+    train.train_and_evaluate(tiny_config.get_config(), {workdir!r})
+""")
+
+
+def test_resume_after_kill_9_is_bit_identical(reference_run, tmp_path):
+  reference_dir, _ = reference_run
+  workdir = str(tmp_path / "killed")
+  code = _KILL_DRIVER.format(repo=REPO, tests=os.path.join(REPO, "tests"),
+                             workdir=workdir)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  steps = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert any(s.startswith("2") for s in steps), steps
+  train.train_and_evaluate(tiny_config(), workdir)   # resumes, finishes
+  step_a, params_a, ema_a = final_params(reference_dir)
+  step_b, params_b, ema_b = final_params(workdir)
+  assert step_a == step_b == 6
+  for a, b in zip(jax.tree.leaves((params_a, ema_a)),
+                  jax.tree.leaves((params_b, ema_b))):
+    np.testing.assert_array_equal(a, b)   # bit-identical
+
+
+def test_non_finite_loss_stops_and_saves_nothing_bad(tmp_path):
+  config = tiny_config(optimizer__learning_rate=1e12,
+                       optimizer__grad_clip=0.0, optimizer__warmup_steps=0,
+                       training__num_steps=40, training__log_every=1,
+                       training__checkpoint_every=1)
+  with pytest.raises(RuntimeError, match=r"non-finite .* between steps"):
+    train.train_and_evaluate(config, str(tmp_path))
+  ckpt_dir = tmp_path / "checkpoints"
+  saved = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  trainer = train.Trainer(config)
+  ckpt = checkpointing.Manager(str(ckpt_dir), async_save=False)
+  restored = ckpt.restore_latest(trainer.init_state())
+  ckpt.close()
+  if restored is not None:     # every saved state is finite
+    state = restored[0]
+    for leaf in jax.tree.leaves(jax.device_get(state.params)):
+      assert np.all(np.isfinite(leaf))
+    assert restored[2] == max(saved)
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(reference_run):
+  workdir, _ = reference_run
+  config = tiny_config(training__num_steps=8)
+  config.model.net_kwargs.hidden = 48
+  with pytest.raises(ValueError, match="different"):
+    train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("data.dataset", "mnist", "data.dataset"),
+    ("model.net", "resnet", "model.net"),
+    ("training.num_steps", 0, "training.num_steps"),
+    ("training.batch_size", -4, "training.batch_size"),
+    ("optimizer.learning_rate", 0.0, "optimizer.learning_rate"),
+    ("optimizer.ema_decay", 1.0, "optimizer.ema_decay"),
+    ("model.gamma_min", 6.0, "model.gamma_min"),
+    ("sampling.sampler", "euler", "sampling.sampler"),
+])
+def test_bad_config_is_rejected_before_compiling(field, value, match):
+  config = tiny_config()
+  group, name = field.split(".")
+  config[group][name] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(config)
+
+
+def test_unknown_weighting_and_schedule_names_are_rejected():
+  with pytest.raises(ValueError, match="unknown weighting"):
+    train.Trainer(tiny_config(model__weighting="l2"))
+  with pytest.raises(ValueError, match="unknown schedule"):
+    train.Trainer(tiny_config(model__schedule="quadratic"))
+
+
+def test_batch_not_divisible_by_devices_is_rejected():
+  config = tiny_config(training__batch_size=6, training__num_devices=4)
+  with pytest.raises(ValueError, match="divisible"):
+    train.Trainer(config)
+
+
+def test_sample_cli_writes_png_of_expected_size(reference_run):
+  workdir, _ = reference_run
+  cmd = [sys.executable, "-m", "vdm.main", "--config=tests/tiny_config.py",
+         f"--workdir={workdir}", "--mode=sample",
+         "--config.sampling.num_samples=9"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                        cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  image = matplotlib.image.imread(os.path.join(workdir, "samples", "6.png"))
+  # 9 samples of 8x8 -> a 3x3 grid with 1-pixel gaps: 3 * 9 - 1 = 26 pixels.
+  assert image.shape[:2] == (26, 26)
+  assert np.load(os.path.join(workdir, "samples", "6.npz"))[
+      "samples"].shape == (9, 8, 8, 1)
+
+
+def test_bad_compute_dtype_names_the_field():
+  config = tiny_config()
+  config.model.net_kwargs.dtype = "bfloat61"
+  with pytest.raises(ValueError, match="model.net_kwargs.dtype"):
+    config_lib.validate(config)

@@ -1,0 +1,105 @@
+"""Config checking and recording: every field is validated once, in plain
+Python, before anything is compiled; the resolved config is written to the
+run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+DATASETS = ("mnist5k", "digits", "toy2d", "fashion_mnist", "cifar10",
+            "imagenet32", "imagenet64")
+NETS = ("vdm_unet", "unet", "mlp")
+SAMPLERS = ("ancestral", "ddim")
+DECODE_MODES = ("argmax", "sample")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(field: str, value, expected: str):
+  raise ValueError(f"config.{field}={value!r} is invalid: expected {expected}."
+                   f" Fix it in the config file or with --config.{field}=...")
+
+
+def _positive_int(config, field: str, *, allow_zero: bool = False):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  ok = isinstance(value, int) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    _fail(field, value, "an int >= 0" if allow_zero else "an int > 0")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field and how to fix it."""
+  for group in ("data", "model", "training", "optimizer", "sampling"):
+    if group not in config:
+      raise ValueError(f"config has no '{group}' group; configs must define "
+                       "data, model, training, optimizer and sampling (see "
+                       "configs/mnist5k.py).")
+  if config.data.dataset not in DATASETS:
+    _fail("data.dataset", config.data.dataset, f"one of {', '.join(DATASETS)}")
+  _positive_int(config, "data.vocab_size")
+  if config.data.vocab_size < 2:
+    _fail("data.vocab_size", config.data.vocab_size, "an int >= 2")
+  if config.model.net not in NETS:
+    _fail("model.net", config.model.net, f"one of {', '.join(NETS)}")
+  dtype = config.model.net_kwargs.get("dtype", "float32")
+  if dtype not in COMPUTE_DTYPES:
+    _fail("model.net_kwargs.dtype", dtype,
+          f"one of {', '.join(COMPUTE_DTYPES)} (the network's compute dtype; "
+          "parameters and the ELBO stay float32)")
+  if not config.model.gamma_min < config.model.gamma_max:
+    _fail("model.gamma_min", config.model.gamma_min,
+          f"a value < model.gamma_max={config.model.gamma_max}")
+  _positive_int(config, "model.num_steps", allow_zero=True)
+  if not 0.0 < config.model.adaptive_decay < 1.0:
+    _fail("model.adaptive_decay", config.model.adaptive_decay,
+          "a float in (0, 1)")
+  for field in ("training.batch_size", "training.num_steps",
+                "training.eval_batch_size", "training.max_to_keep"):
+    _positive_int(config, field)
+  for field in ("training.log_every", "training.eval_every",
+                "training.checkpoint_every"):
+    _positive_int(config, field, allow_zero=True)
+  _positive_int(config, "training.num_devices", allow_zero=True)
+  if not isinstance(config.training.seed, int):
+    _fail("training.seed", config.training.seed, "an int")
+  opt = config.optimizer
+  if not (isinstance(opt.learning_rate, (int, float)) and
+          opt.learning_rate > 0):
+    _fail("optimizer.learning_rate", opt.learning_rate, "a float > 0")
+  _positive_int(config, "optimizer.warmup_steps", allow_zero=True)
+  if not 0.0 <= opt.ema_decay < 1.0:
+    _fail("optimizer.ema_decay", opt.ema_decay, "a float in [0, 1)")
+  if opt.grad_clip < 0:
+    _fail("optimizer.grad_clip", opt.grad_clip, "a float >= 0 (0 = off)")
+  if opt.weight_decay < 0:
+    _fail("optimizer.weight_decay", opt.weight_decay, "a float >= 0")
+  if opt.decay not in ("none", "cosine"):
+    _fail("optimizer.decay", opt.decay, "'none' or 'cosine'")
+  smp = config.sampling
+  if smp.sampler not in SAMPLERS:
+    _fail("sampling.sampler", smp.sampler, f"one of {', '.join(SAMPLERS)}")
+  if smp.decode not in DECODE_MODES:
+    _fail("sampling.decode", smp.decode, f"one of {', '.join(DECODE_MODES)}")
+  _positive_int(config, "sampling.num_steps")
+  _positive_int(config, "sampling.num_samples", allow_zero=True)
+  if smp.guidance_scale < 0:
+    _fail("sampling.guidance_scale", smp.guidance_scale, "a float >= 0")
+
+
+def write(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the resolved config as JSON to WORKDIR/config.json."""
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+  """A stable string of the config (processes compare it in multi-host)."""
+  return json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)

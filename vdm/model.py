@@ -1,0 +1,370 @@
+"""The VDM model: a noise schedule and a score network, composed with `elbo`.
+
+Flax modules hold parameters only (the learned schedule, the network); this
+module turns parameters into the closures `gamma_fn(t)` and
+`eps_fn(z_t, gamma_t)` and calls the pure loss terms of `vdm.elbo`. All ELBO
+algebra lives in `elbo`; nothing here draws randomness except from explicit
+keys.
+
+Two losses are computed from the same pieces:
+
+* the **training objective**: reconstruction + prior + the (optionally
+  weighted, Kingma & Gao 2023) diffusion loss, with noise levels drawn from
+  the training noise schedule p(lambda) (the model's own schedule, a fixed
+  cosine / EDM schedule, or the adaptive one);
+* the **ELBO** (`elbo_terms`): always the unweighted continuous-time (or
+  T-step) VDM bound with the model's own schedule, so bits per dim are
+  comparable across weightings.
+
+References:
+  Kingma, Salimans, Poole, Ho. Variational Diffusion Models. 2021,
+  arXiv:2107.00630.
+  Kingma, Gao. Understanding Diffusion Objectives as the ELBO with Simple
+  Data Augmentation. 2023, arXiv:2303.00848.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdm import elbo
+from vdm import nets
+from vdm import schedules
+from vdm import weighting as weighting_lib
+from vdm.nets import parameterization
+
+Params = Mapping[str, Any]
+GammaFn = Callable[[jax.Array], jax.Array]
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+MODEL_SCHEDULES = ("fixed_linear", "learned_linear", "learned_net")
+NOISE_SCHEDULES = ("model", "cosine", "cosine_shifted", "edm", "adaptive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A VDM: schedule + network + loss settings. Immutable and hashable.
+
+  Attributes:
+    net: the score network (a Flax module following the `vdm.nets` API).
+    schedule: `'fixed_linear'`, `'learned_linear'` or `'learned_net'`.
+    gamma_min, gamma_max: the schedule's (initial) endpoints gamma(0), gamma(1).
+    vocab_size: number of data levels (256 for 8-bit images).
+    data_shape: per-example shape, e.g. (28, 28, 1).
+    num_steps: 0 for continuous time, T > 0 for the T-step loss.
+    weighting: name in `vdm.weighting` (`'elbo'` = the plain ELBO).
+    weighting_kwargs: its parameters, as sorted (name, value) pairs.
+    noise_schedule: the training p(lambda): `'model'`, `'cosine'`,
+      `'cosine_shifted'`, `'edm'` or `'adaptive'`.
+    noise_schedule_kwargs: its parameters, as sorted (name, value) pairs.
+    parameterization: what the network predicts: `'eps'`, `'x'` or `'v'`.
+    variance_minimization: learn the schedule's shape by minimising the
+      variance of the diffusion loss (VDM paper, section on learning the
+      noise schedule); only with a learned schedule in continuous time.
+    antithetic: low-discrepancy times t_i = mod(u + i/B, 1).
+    num_classes: 0 for an unconditional model.
+    p_uncond: probability of dropping a label to the null label in training
+      (classifier-free guidance).
+  """
+  net: nn.Module
+  schedule: str = "learned_linear"
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
+  vocab_size: int = 256
+  data_shape: tuple[int, ...] = (28, 28, 1)
+  num_steps: int = 0
+  weighting: str = "elbo"
+  weighting_kwargs: tuple[tuple[str, Any], ...] = ()
+  noise_schedule: str = "model"
+  noise_schedule_kwargs: tuple[tuple[str, Any], ...] = ()
+  parameterization: str = "eps"
+  variance_minimization: bool = False
+  antithetic: bool = True
+  num_classes: int = 0
+  p_uncond: float = 0.0
+
+  def __post_init__(self):
+    if self.schedule not in MODEL_SCHEDULES:
+      raise ValueError(
+          f"unknown schedule {self.schedule!r}; known: "
+          f"{', '.join(MODEL_SCHEDULES)}. Set config.model.schedule.")
+    if self.noise_schedule not in NOISE_SCHEDULES:
+      raise ValueError(
+          f"unknown noise_schedule {self.noise_schedule!r}; known: "
+          f"{', '.join(NOISE_SCHEDULES)}. Set config.model.noise_schedule.")
+    if not self.gamma_min < self.gamma_max:
+      raise ValueError(
+          f"gamma_min={self.gamma_min} must be < gamma_max={self.gamma_max}; "
+          "set config.model.gamma_min / gamma_max (paper: -13.3, 5.0).")
+    if self.vocab_size < 2:
+      raise ValueError(f"vocab_size must be >= 2; got {self.vocab_size}.")
+    if not isinstance(self.num_steps, int) or self.num_steps < 0:
+      raise ValueError(
+          f"num_steps must be an int >= 0 (0 = continuous time); got "
+          f"{self.num_steps!r}.")
+    if self.parameterization not in parameterization.PARAMETERIZATIONS:
+      raise ValueError(
+          f"unknown parameterization {self.parameterization!r}; known: "
+          f"{', '.join(parameterization.PARAMETERIZATIONS)}.")
+    weighting_lib.get(self.weighting, **dict(self.weighting_kwargs))
+    if self.num_steps > 0 and (self.weighting != "elbo"
+                               or self.noise_schedule != "model"):
+      raise ValueError(
+          "a weighting or a training noise schedule other than the model's "
+          "needs continuous time: set config.model.num_steps = 0 (got "
+          f"num_steps={self.num_steps}, weighting={self.weighting!r}, "
+          f"noise_schedule={self.noise_schedule!r}).")
+    if self.variance_minimization:
+      if self.schedule == "fixed_linear":
+        raise ValueError(
+            "variance_minimization needs a learned schedule; set "
+            "config.model.schedule to 'learned_linear' or 'learned_net'.")
+      if self.num_steps > 0 or self.noise_schedule != "model":
+        raise ValueError(
+            "variance_minimization applies to the continuous-time loss with "
+            "the model's own schedule (num_steps=0, noise_schedule='model').")
+    if not 0.0 <= self.p_uncond < 1.0:
+      raise ValueError(f"p_uncond must be in [0, 1); got {self.p_uncond}.")
+    if self.p_uncond > 0 and self.num_classes == 0:
+      raise ValueError(
+          "p_uncond > 0 (classifier-free guidance) needs a class-conditional "
+          "model: set config.model.num_classes > 0.")
+
+  # --------------------------------------------------------------- modules
+
+  @functools.cached_property
+  def schedule_module(self) -> nn.Module | None:
+    if self.schedule == "learned_linear":
+      return schedules.LearnedLinear(
+          gamma_min=self.gamma_min, gamma_max=self.gamma_max)
+    if self.schedule == "learned_net":
+      return schedules.MonotoneNet(
+          gamma_min=self.gamma_min, gamma_max=self.gamma_max)
+    return None
+
+  @property
+  def num_dims(self) -> int:
+    return math.prod(self.data_shape)
+
+  def init(self, key: jax.Array) -> dict[str, Any]:
+    """Initial parameters {'net': ..., 'schedule': ...} (no allocation in
+    `jax.eval_shape`)."""
+    key_net, key_schedule = jax.random.split(key)
+    z = jnp.zeros((1, *self.data_shape), jnp.float32)
+    gamma = jnp.zeros((1,), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if self.num_classes else None
+    params = {"net": self.net.init(
+        {"params": key_net}, z, gamma, labels, train=False)["params"]}
+    if self.schedule_module is not None:
+      params["schedule"] = self.schedule_module.init(
+          key_schedule, jnp.zeros((1,)))["params"]
+    return params
+
+  # -------------------------------------------------------------- closures
+
+  def gamma_fn(self, params: Params) -> GammaFn:
+    """The model's schedule gamma(t) = -log SNR(t) as a closure."""
+    if self.schedule_module is None:
+      return functools.partial(schedules.fixed_linear,
+                               gamma_min=self.gamma_min,
+                               gamma_max=self.gamma_max)
+    variables = {"params": params["schedule"]}
+    return lambda t: self.schedule_module.apply(variables, t)
+
+  def endpoints(self, params: Params) -> tuple[jax.Array, jax.Array]:
+    """(gamma_0, gamma_1), each [] float32."""
+    gamma_fn = self.gamma_fn(params)
+    gamma = gamma_fn(jnp.array([0.0, 1.0]))
+    return gamma[0], gamma[1]
+
+  def eps_fn(self, params: Params, labels: jax.Array | None = None, *,
+             train: bool = False,
+             key_dropout: jax.Array | None = None) -> EpsFn:
+    """eps_hat(z_t, gamma_t) as a closure over the network's parameters."""
+    variables = {"params": params["net"]}
+    rngs = {"dropout": key_dropout} if (train and key_dropout is not None) \
+        else {}
+
+    def eps_fn(z_t, gamma_t):
+      gamma_t = jnp.broadcast_to(gamma_t, z_t.shape[:1])
+      out = self.net.apply(variables, z_t, gamma_t, labels, train=train,
+                           rngs=rngs)
+      return parameterization.to_eps(
+          out, z_t, gamma_t, parameterization=self.parameterization)
+
+    return eps_fn
+
+  def noise_gamma_fn(self, params: Params, adaptive_state=None) -> GammaFn:
+    """The training noise schedule: t ~ U(0, 1) -> gamma, i.e. p(lambda)."""
+    kwargs = dict(self.noise_schedule_kwargs)
+    if self.noise_schedule == "model":
+      return self.gamma_fn(params)
+    if self.noise_schedule == "cosine":
+      return functools.partial(schedules.cosine, **kwargs)
+    if self.noise_schedule == "cosine_shifted":
+      resolution = kwargs.pop("resolution", self.data_shape[0])
+      base = kwargs.pop("base", 64)
+      shift = schedules.cosine_shift(resolution, base=base)
+      return functools.partial(schedules.cosine, shift=shift, **kwargs)
+    if self.noise_schedule == "edm":
+      return functools.partial(schedules.edm, **kwargs)
+    if adaptive_state is None:
+      raise ValueError("noise_schedule='adaptive' needs the adaptive state "
+                       "(TrainState.adaptive); got None.")
+    return functools.partial(schedules.adaptive_gamma, adaptive_state)
+
+  def init_adaptive(self):
+    """Initial adaptive-schedule state, or None when not used."""
+    if self.noise_schedule != "adaptive":
+      return None
+    return schedules.adaptive_init(**dict(self.noise_schedule_kwargs))
+
+  # ---------------------------------------------------------------- losses
+
+  def _recon_prior(self, params, x, f, key):
+    gamma_0, gamma_1 = self.endpoints(params)
+    eps_0 = jax.random.normal(key, f.shape)
+    z_0 = elbo.diffuse(f, jnp.broadcast_to(gamma_0, f.shape[:1]), eps_0)
+    loss_recon = elbo.reconstruction_loss(x, z_0, gamma_0, self.vocab_size)
+    loss_prior = elbo.prior_loss(f, gamma_1)
+    return loss_recon, loss_prior  # [B] nats each
+
+  def elbo_terms(self, params: Params, x: jax.Array, labels, key: jax.Array
+                 ) -> dict[str, jax.Array]:
+    """Per-example ELBO terms in nats (unweighted, the model's schedule).
+
+    Args:
+      params: {'net', 'schedule'} parameters (EMA ones for evaluation).
+      x: [B, ...] integer data in [0, vocab_size).
+      labels: [B] int32 or None.
+      key: consumed for t, eps and eps_0.
+    Returns:
+      {'recon', 'prior', 'diff', 'total'}: each [B] nats.
+    """
+    key_recon, key_t, key_eps = jax.random.split(key, 3)
+    f = elbo.encode(x, self.vocab_size)
+    loss_recon, loss_prior = self._recon_prior(params, x, f, key_recon)
+    t = elbo.sample_times(key_t, f.shape[0], antithetic=self.antithetic)
+    eps = jax.random.normal(key_eps, f.shape)
+    loss_diff = elbo.diffusion_loss(
+        self.eps_fn(params, labels), self.gamma_fn(params), f, t, eps,
+        num_steps=self.num_steps)
+    return {"recon": loss_recon, "prior": loss_prior, "diff": loss_diff,
+            "total": loss_recon + loss_prior + loss_diff}
+
+  def training_loss(self, params: Params, x: jax.Array, labels, key: jax.Array,
+                    adaptive_state=None) -> tuple[jax.Array, dict]:
+    """The training objective (mean over the batch) and per-example extras.
+
+    Returns:
+      (loss [] nats per example, aux) with aux = {'recon', 'prior', 'diff'
+      ([B] nats; 'diff' is the weighted diffusion loss), 'logsnr' ([B], the
+      noise levels drawn), 'weighted_mse' ([B], w(lambda) ||eps - eps_hat||^2
+      per dimension, what the adaptive schedule's histogram tracks)}.
+    """
+    key_recon, key_t, key_eps, key_dropout, key_label = jax.random.split(
+        key, 5)
+    if self.num_classes and self.p_uncond > 0:
+      drop = jax.random.bernoulli(key_label, self.p_uncond, labels.shape)
+      labels = jnp.where(drop, self.num_classes, labels)  # null label
+    f = elbo.encode(x, self.vocab_size)
+    loss_recon, loss_prior = self._recon_prior(params, x, f, key_recon)
+    t = elbo.sample_times(key_t, f.shape[0], antithetic=self.antithetic)
+    eps = jax.random.normal(key_eps, f.shape)
+    eps_fn = self.eps_fn(params, labels, train=True, key_dropout=key_dropout)
+    w = (None if self.weighting == "elbo" else
+         weighting_lib.get(self.weighting, **dict(self.weighting_kwargs)))
+    noise_gamma_fn = self.noise_gamma_fn(params, adaptive_state)
+
+    if self.variance_minimization:
+      loss_diff = self._variance_minimizing_diffusion_loss(params, f, t, eps,
+                                                           labels, key_dropout)
+    else:
+      loss_diff = elbo.diffusion_loss(eps_fn, noise_gamma_fn, f, t, eps,
+                                      num_steps=self.num_steps, weighting=w)
+    # Extras for the adaptive histogram: lambda and w * mse (per dimension);
+    # gamma'(t) = 1/p(lambda), so dividing it out undoes the importance weight.
+    gamma_t, dgamma_dt = jax.jvp(noise_gamma_fn, (t,), (jnp.ones_like(t),))
+    gamma_t = jax.lax.stop_gradient(gamma_t)
+    dgamma_dt = jax.lax.stop_gradient(dgamma_dt)
+    weighted_mse = jax.lax.stop_gradient(loss_diff) * 2.0 / (
+        jnp.maximum(dgamma_dt, 1e-12) * self.num_dims)
+    if self.num_steps > 0:
+      weighted_mse = jnp.zeros_like(weighted_mse)
+    total = loss_recon + loss_prior + loss_diff
+    aux = {"recon": loss_recon, "prior": loss_prior, "diff": loss_diff,
+           "logsnr": -gamma_t, "weighted_mse": weighted_mse}
+    return jnp.mean(total), aux
+
+  def _variance_minimizing_diffusion_loss(self, params, f, t, eps, labels,
+                                          key_dropout):
+    """Continuous L_diff whose gradient to the schedule's *shape* parameters
+    is that of E[L_diff^2] (VDM paper, section on learning the noise
+    schedule), while the endpoints and the network get the ELBO gradient.
+
+    gamma(t) = gamma_0 + (gamma_1 - gamma_0) * shape(t); the per-example pair
+    (shape(t_i), shape'(t_i)) carries all of the shape parameters' influence,
+    and `schedules.variance_minimizing` scales its cotangent by 2 L_i.
+    """
+    module = self.schedule_module
+    p_schedule = params["schedule"]
+    p_shape_only = {k: v for k, v in p_schedule.items() if "shape" in k}
+    p_endpoints = {k: v for k, v in p_schedule.items() if "shape" not in k}
+
+    def shape_fn(t_):
+      variables = {"params": {**p_endpoints, **p_shape_only}}
+      return module.apply(variables, t_, method="shape")
+
+    # shape(t) depends on the shape parameters only, never the endpoints.
+    shape_t, dshape_dt = jax.jvp(shape_fn, (t,), (jnp.ones_like(t),))
+
+    def per_example_loss(per_example, args):
+      s_t, ds_t = per_example
+      p_end, p_net = args
+      gamma_0, gamma_1 = module.apply({"params": p_end}, method="endpoints")
+      gamma_t = gamma_0 + (gamma_1 - gamma_0) * s_t
+      dgamma_dt = (gamma_1 - gamma_0) * ds_t
+      eps_fn = self.eps_fn({"net": p_net}, labels, train=True,
+                           key_dropout=key_dropout)
+      return elbo.continuous_diffusion_loss(eps_fn, f, gamma_t, dgamma_dt, eps)
+
+    wrapped = schedules.variance_minimizing(per_example_loss)
+    return wrapped((shape_t, dshape_dt),
+                   (p_endpoints, params["net"]))
+
+
+def build(model_config, data_shape: tuple[int, ...], vocab_size: int,
+          num_classes: int) -> Model:
+  """The one factory from `config.model` (+ dataset facts) to a `Model`."""
+  net_kwargs = dict(model_config.net_kwargs)
+  num_classes = num_classes if model_config.conditional else 0
+  net = nets.get(model_config.net, num_classes=num_classes,
+                 gamma_min=model_config.gamma_min,
+                 gamma_max=model_config.gamma_max, **net_kwargs)
+  return Model(
+      net=net,
+      schedule=model_config.schedule,
+      gamma_min=float(model_config.gamma_min),
+      gamma_max=float(model_config.gamma_max),
+      vocab_size=int(vocab_size),
+      data_shape=tuple(int(d) for d in data_shape),
+      num_steps=int(model_config.num_steps),
+      weighting=model_config.weighting,
+      weighting_kwargs=tuple(sorted(dict(model_config.weighting_kwargs)
+                                    .items())),
+      noise_schedule=model_config.noise_schedule,
+      noise_schedule_kwargs=tuple(sorted(
+          dict(model_config.noise_schedule_kwargs).items())),
+      parameterization=model_config.parameterization,
+      variance_minimization=bool(model_config.variance_minimization),
+      antithetic=bool(model_config.antithetic),
+      num_classes=num_classes,
+      p_uncond=float(model_config.p_uncond),
+  )

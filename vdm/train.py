@@ -1,0 +1,354 @@
+"""Train state, optimizer, the jitted train/eval steps and the training loop.
+
+The loop (`train_and_evaluate`) reads in data-flow order: config check, mesh,
+input, model + optimizer, shardings, steps, restore, loop (step, log, eval,
+checkpoint, preemption), final eval + samples.
+
+Determinism: the step's noise key is `fold_in(key(seed), state.step)` and the
+batch of step s is a pure function of (seed, s) (`input_pipeline`), so a
+resumed run draws exactly the noise and data an uninterrupted run would: the
+checkpoint needs no key and no iterator state beyond the step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vdm import checkpointing
+from vdm import config_lib
+from vdm import evaluate
+from vdm import input_pipeline
+from vdm import model as model_lib
+from vdm import parallel
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState + EMA parameters + the adaptive noise schedule's state.
+
+  Fields beyond Flax's (step, params, opt_state, apply_fn, tx):
+    ema_params: exponential moving average of `params` (used for eval and
+      sampling).
+    adaptive: `schedules.AdaptiveState` of the adaptive noise schedule, or an
+      empty dict when the run does not use it.
+  """
+  ema_params: Any = None
+  adaptive: Any = None
+
+
+def learning_rate_schedule(opt_config, num_train_steps: int) -> optax.Schedule:
+  """Linear warm-up to `learning_rate`, then constant or cosine decay."""
+  lr = float(opt_config.learning_rate)
+  warmup = int(opt_config.warmup_steps)
+  if opt_config.decay == "none":
+    decay = optax.constant_schedule(lr)
+  elif opt_config.decay == "cosine":
+    decay = optax.cosine_decay_schedule(
+        lr, max(1, num_train_steps - warmup), alpha=opt_config.final_lr_frac)
+  else:
+    raise ValueError(f"unknown optimizer.decay {opt_config.decay!r}; known: "
+                     "none, cosine.")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def create_optimizer(opt_config, num_train_steps: int):
+  """AdamW (+ optional global-norm clipping); paper: lr 2e-4, b2 0.99, wd
+  0.01 (VDM paper, appendix on experimental details)."""
+  lr = learning_rate_schedule(opt_config, num_train_steps)
+  parts = []
+  if opt_config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(opt_config.grad_clip))
+  parts.append(optax.adamw(lr, b1=opt_config.b1, b2=opt_config.b2,
+                           eps=opt_config.eps,
+                           weight_decay=opt_config.weight_decay))
+  return optax.chain(*parts), lr
+
+
+def create_train_state(model: model_lib.Model, tx, key: jax.Array
+                       ) -> TrainState:
+  params = model.init(key)
+  adaptive = model.init_adaptive()
+  return TrainState.create(
+      apply_fn=None, params=params, tx=tx,
+      ema_params=jax.tree.map(jnp.copy, params),
+      adaptive=adaptive if adaptive is not None else {})
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+  """EMA decay with warm-up: min(decay, (1 + step) / (10 + step)).
+
+  Early in training the average would otherwise be dominated by the random
+  initialisation for ~1/(1-decay) steps; the warm-up makes short runs' EMA
+  meaningful and leaves long runs (the paper's 0.9999) unchanged.
+  """
+  step = step.astype(jnp.float32)
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def train_step(state: TrainState, batch: dict, *, model: model_lib.Model,
+               base_key: jax.Array, ema_decay: float, adaptive_decay: float,
+               learning_rate_fn: Callable) -> tuple[TrainState, dict]:
+  """One optimizer step. Pure: (state, batch) -> (state, metrics).
+
+  Args:
+    state: the train state (donated by the jitted caller).
+    batch: {'image': [B, ...] int, 'label': [B] int32}, global batch.
+  Returns:
+    (new state, metrics: float32 scalars averaged over the global batch; bpd
+    figures per dimension in bits).
+  """
+  key = jax.random.fold_in(base_key, state.step)  # same key after a restart
+  x = batch["image"].astype(jnp.int32)
+  labels = batch["label"] if model.num_classes else None
+  adaptive = state.adaptive if model.noise_schedule == "adaptive" else None
+
+  def loss_fn(params):
+    return model.training_loss(params, x, labels, key, adaptive)
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads)
+  decay = ema_decay_at(state.step, ema_decay)
+  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                         state.ema_params, new_state.params)
+  new_state = new_state.replace(ema_params=new_ema)
+  if adaptive is not None:
+    from vdm import schedules  # pylint: disable=g-import-not-at-top
+    new_state = new_state.replace(adaptive=schedules.adaptive_update(
+        adaptive, aux["logsnr"], aux["weighted_mse"], decay=adaptive_decay))
+
+  to_bpd = 1.0 / (model.num_dims * math.log(2.0))
+  gamma_0, gamma_1 = model.endpoints(state.params)
+  metrics = {
+      "loss": loss * to_bpd,
+      "bpd_recon": jnp.mean(aux["recon"]) * to_bpd,
+      "bpd_prior": jnp.mean(aux["prior"]) * to_bpd,
+      "bpd_diff": jnp.mean(aux["diff"]) * to_bpd,
+      "grad_norm": optax.tree.norm(grads),
+      "learning_rate": learning_rate_fn(state.step),
+      "gamma_0": gamma_0, "gamma_1": gamma_1,
+  }
+  return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
+
+
+def eval_step(params, batch: dict, batch_index: jax.Array, *,
+              model: model_lib.Model, eval_key: jax.Array) -> dict:
+  """Sums of the per-example ELBO terms (nats) over the real examples.
+
+  The key is fold_in(eval_key, batch_index): the same parameters give the
+  same bpd to the last bit.
+  """
+  key = jax.random.fold_in(eval_key, batch_index)
+  x = batch["image"].astype(jnp.int32)
+  labels = batch["label"] if model.num_classes else None
+  terms = model.elbo_terms(params, x, labels, key)
+  mask = batch["mask"].astype(jnp.float32)
+  sums = {k: jnp.sum(v * mask) for k, v in terms.items()}
+  sums["count"] = jnp.sum(mask)
+  return sums
+
+
+# ------------------------------------------------------------------- loop
+
+
+class Trainer:
+  """Everything `train_and_evaluate`, `--mode=eval` and `--mode=sample`
+  share: dataset, model, mesh, shardings and the compiled steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    config_lib.validate(config)
+    self.config = config
+    self.mesh = parallel.make_mesh(config.training.num_devices or None)
+    parallel.check_batch_size(config.training.batch_size, self.mesh)
+    parallel.check_batch_size(config.training.eval_batch_size, self.mesh,
+                              field="config.training.eval_batch_size")
+    data = config.data
+    self.ds = input_pipeline.create(data.dataset, data_dir=data.data_dir or None,
+                                    seed=config.training.seed, flip=data.flip)
+    if data.vocab_size != self.ds.vocab_size:
+      raise ValueError(
+          f"config.data.vocab_size={data.vocab_size} but dataset "
+          f"{data.dataset!r} has {self.ds.vocab_size} levels; set "
+          f"--config.data.vocab_size={self.ds.vocab_size}.")
+    self.model = model_lib.build(config.model, self.ds.shape,
+                                 self.ds.vocab_size, self.ds.num_classes)
+    self.tx, self.learning_rate_fn = create_optimizer(
+        config.optimizer, config.training.num_steps)
+    key_init = jax.random.key(config.training.seed)
+    init = functools.partial(create_train_state, self.model, self.tx)
+    abstract = jax.eval_shape(init, key_init)
+    self.state_sharding = parallel.state_sharding(
+        self.mesh, abstract, fsdp=config.training.fsdp)
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    self._key_init = key_init
+    self.abstract_state = abstract
+    self.batch_sharding = parallel.data_sharding(self.mesh)
+    repl = parallel.replicated(self.mesh)
+    base_key = jax.random.fold_in(jax.random.key(config.training.seed), 1)
+    step_fn = functools.partial(
+        train_step, model=self.model, base_key=base_key,
+        ema_decay=config.optimizer.ema_decay,
+        adaptive_decay=config.model.adaptive_decay,
+        learning_rate_fn=self.learning_rate_fn)
+    self.train_step = jax.jit(
+        step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+        out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
+    eval_fn = functools.partial(
+        eval_step, model=self.model,
+        eval_key=jax.random.key(config.training.eval_seed))
+    self.eval_step = jax.jit(
+        eval_fn, in_shardings=(self.state_sharding.ema_params,
+                               self.batch_sharding, repl),
+        out_shardings=repl)
+
+  def gather(self, tree):
+    """A copy of `tree` replicated on every device, so process 0 can fetch
+    it even when the state is FSDP-sharded across processes. Call it from
+    every process."""
+    return jax.jit(lambda x: x,
+                   out_shardings=parallel.replicated(self.mesh))(tree)
+
+  def init_state(self) -> TrainState:
+    return self._init(self._key_init)
+
+  def global_batch(self, step: int) -> dict:
+    cfg = self.config.training
+    local = self.ds.train_batch(step, batch_size=cfg.batch_size,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    return parallel.shard_batch(self.mesh, local)
+
+  def evaluate(self, params, split: str = "test") -> dict:
+    return evaluate.evaluate_split(
+        self.eval_step, params, self.ds, split=split,
+        batch_size=self.config.training.eval_batch_size, mesh=self.mesh,
+        num_dims=self.model.num_dims)
+
+
+def _fetch_mean(metric_list: list[dict]) -> dict[str, float]:
+  stacked = jax.device_get(metric_list)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _check_finite(metrics: dict[str, float], first_step: int, last_step: int,
+                  last_good: int | None):
+  bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+  if bad:
+    where = (f"the last good checkpoint is step {last_good}" if last_good
+             is not None else "no checkpoint was written")
+    raise RuntimeError(
+        f"non-finite {', '.join(bad)} between steps {first_step} and "
+        f"{last_step}; training stopped and this state was NOT saved; {where}."
+        " Lower optimizer.learning_rate or set optimizer.grad_clip.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> dict:
+  """Trains (resuming from WORKDIR/checkpoints), evaluates and samples.
+
+  Returns:
+    The final eval result ({'bpd', 'bpd_recon', ...}) or {} if eval is off.
+  """
+  trainer = Trainer(config)
+  cfg = config.training
+  main_process = parallel.is_main_process()
+  os.makedirs(workdir, exist_ok=True)
+  if main_process:
+    config_lib.write(config, workdir)
+  ckpt = checkpointing.Manager(
+      os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
+      keep_best=True, best_metric="bpd")
+
+  # Restore or init: 1) fresh state with the final shardings; 2) replace it
+  # by the newest valid checkpoint (skipping corrupt ones, with a warning).
+  state = trainer.init_state()
+  restored = ckpt.restore_latest(state)
+  last_good = None
+  if restored is not None:
+    state, _, last_good = restored
+    logging.info("resumed from step %d", last_good)
+  start = int(jax.device_get(state.step))
+  writer = evaluate.MetricWriter(workdir, enabled=main_process)
+  progress = evaluate.Progress(cfg.num_steps, start, enabled=main_process)
+  pending, window_start = [], start
+  result = {}
+
+  with checkpointing.PreemptionGuard() as guard:
+    for step in range(start, cfg.num_steps):
+      batch = trainer.global_batch(step)
+      state, metrics = trainer.train_step(state, batch)
+      pending.append(metrics)
+      done = step + 1
+      is_last = done == cfg.num_steps
+      log_now = (cfg.log_every and done % cfg.log_every == 0) or is_last
+      save_now = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+      eval_now = cfg.eval_every and done % cfg.eval_every == 0 and not is_last
+      preempted = guard.should_stop(done)  # same answer on every process
+      if log_now or save_now or eval_now or preempted:
+        mean = _fetch_mean(pending)
+        _check_finite(mean, window_start + 1, done, last_good)
+        pending, window_start = [], done
+        if log_now:
+          writer.write_scalars(done, {f"train/{k}": v for k, v in mean.items()})
+          progress.update(done, mean)
+      eval_metrics = None
+      if eval_now:
+        result = trainer.evaluate(state.ema_params)
+        eval_metrics = {"bpd": result["bpd"]}
+        writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items()
+                                    if k != "split"})
+        progress.message(f"step {done}: test bpd {result['bpd']:.4f}")
+      if save_now or preempted or is_last:
+        ckpt.save(done, state, metadata={"data_step": done},
+                  metrics=eval_metrics, force=True)
+        last_good = done
+      if preempted:
+        ckpt.wait_until_finished()
+        progress.message(f"preempted: saved step {done}; rerun the same "
+                         "command to resume.")
+        writer.close()
+        return {}
+  ckpt.wait_until_finished()
+  progress.close()
+
+  if cfg.num_steps > start or not result:
+    result = finish(trainer, state, workdir, writer, ckpt)
+  writer.close()
+  ckpt.close()
+  return result
+
+
+def finish(trainer: Trainer, state: TrainState, workdir: str, writer,
+           ckpt) -> dict:
+  """Final eval over the whole test split, JSON, samples and plots."""
+  config = trainer.config
+  step = int(jax.device_get(state.step))
+  # The final eval always runs (eval_every only sets the periodic ones).
+  result = trainer.evaluate(state.ema_params)
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()
+                              if k != "split"})
+  if parallel.is_main_process():
+    evaluate.write_eval_json(workdir, "test", step, result,
+                             dataset_version=trainer.ds.version)
+  if config.sampling.num_samples > 0:
+    params = trainer.gather(state.ema_params)   # on every process (FSDP)
+    if parallel.is_main_process():
+      evaluate.write_samples(trainer, params, workdir, step)
+      evaluate.write_plots(trainer, params, workdir, step)
+  return result
