@@ -20,9 +20,9 @@ def get_config():
   config = mnist5k.get_config()
   config.model.net_kwargs.dropout = 0.0   # short runs: no regulariser needed
   # A fixed schedule, so every run's bpd is the ELBO over the same log-SNR
-  # range ([-5, 13.3] here). (A learned one gets its endpoint gradients only from
-  # the recon and prior terms when training draws lambda from another p:
-  # they drift, and the eval bpd would integrate over a different range.)
+  # range ([-5, 13.3] here). A learned one gets its endpoint gradients only
+  # from the recon and prior terms when training draws lambda from another
+  # p: they drift, and the eval bpd would integrate over another range.
   config.model.schedule = "fixed_linear"
   config.training.num_steps = 5000
   config.training.log_every = 500
