@@ -145,6 +145,9 @@ def test_p_uncond_one_equals_the_null_label(data):
     (dict(gamma_min=5.0, gamma_max=-13.3), "gamma_min"),
     (dict(parameterization="score"), "unknown parameterization"),
     (dict(num_steps=-1), "num_steps"),
+    (dict(schedule="learned_linear", weighting="sigmoid"), "trained by the ELBO"),
+    (dict(schedule="learned_net", noise_schedule="cosine"),
+     "trained by the ELBO"),
 ])
 def test_bad_model_settings_are_rejected(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -154,7 +157,7 @@ def test_bad_model_settings_are_rejected(kwargs, match):
 @pytest.mark.parametrize("noise_schedule", ["cosine", "cosine_shifted",
                                             "edm", "adaptive"])
 def test_training_noise_schedules_give_finite_losses(data, noise_schedule):
-  model = make_model(schedule="learned_linear", noise_schedule=noise_schedule,
+  model = make_model(schedule="fixed_linear", noise_schedule=noise_schedule,
                      weighting="sigmoid")
   params = perturb(model.init(jax.random.key(13)), jax.random.key(14))
   loss, aux = model.training_loss(params, data, None, jax.random.key(15),

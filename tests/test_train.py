@@ -195,3 +195,14 @@ def test_bad_compute_dtype_names_the_field():
   config.model.net_kwargs.dtype = "bfloat61"
   with pytest.raises(ValueError, match="model.net_kwargs.dtype"):
     config_lib.validate(config)
+
+
+def test_weight_decay_skips_biases_and_the_schedule():
+  trainer = train.Trainer(tiny_config())
+  params = trainer.abstract_state.params
+  mask = train.weight_decay_mask(params)
+  flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+  names = {jax.tree_util.keystr(path): value for path, value in flat}
+  assert not any(v for k, v in names.items() if "schedule" in k)
+  assert not any(v for k, v in names.items() if k.endswith("['bias']"))
+  assert any(v for k, v in names.items() if k.endswith("['kernel']"))

@@ -4,7 +4,8 @@ The loop (`train_and_evaluate`) reads in data-flow order: config check, mesh,
 input, model + optimizer, shardings, steps, restore, loop (step, log, eval,
 checkpoint, preemption), final eval + samples.
 
-Determinism: the step's noise key is `fold_in(key(seed), state.step)` and the
+Determinism: the step's noise key is `fold_in(fold_in(key(seed), 1),
+state.step)` (stream 1 keeps it apart from the init key) and the
 batch of step s is a pure function of (seed, s) (`input_pipeline`), so a
 resumed run draws exactly the noise and data an uninterrupted run would: the
 checkpoint needs no key and no iterator state beyond the step.
@@ -68,6 +69,16 @@ def learning_rate_schedule(opt_config, num_train_steps: int) -> optax.Schedule:
       [optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+def weight_decay_mask(params) -> Any:
+  """True for the network's kernels (ndim >= 2); False for biases, norm
+  scales, embeddings' 1-D params and every schedule parameter (decaying
+  gamma_0 or the schedule's span would pull the ELBO's range to 0)."""
+  def decay(path, leaf):
+    in_schedule = any(getattr(k, "key", None) == "schedule" for k in path)
+    return (not in_schedule) and getattr(leaf, "ndim", 0) >= 2
+  return jax.tree_util.tree_map_with_path(decay, params)
+
+
 def create_optimizer(opt_config, num_train_steps: int):
   """AdamW (+ optional global-norm clipping); paper: lr 2e-4, b2 0.99, wd
   0.01 (VDM paper, appendix on experimental details)."""
@@ -77,7 +88,8 @@ def create_optimizer(opt_config, num_train_steps: int):
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip))
   parts.append(optax.adamw(lr, b1=opt_config.b1, b2=opt_config.b2,
                            eps=opt_config.eps,
-                           weight_decay=opt_config.weight_decay))
+                           weight_decay=opt_config.weight_decay,
+                           mask=weight_decay_mask))
   return optax.chain(*parts), lr
 
 
