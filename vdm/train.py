@@ -239,12 +239,25 @@ class Trainer:
   def init_state(self) -> TrainState:
     return self._init(self._key_init)
 
-  def global_batch(self, step: int) -> dict:
+  def local_batch(self, step: int) -> dict:
+    """This process's rows of the global batch of `step` (numpy, host)."""
     cfg = self.config.training
-    local = self.ds.train_batch(step, batch_size=cfg.batch_size,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    return parallel.shard_batch(self.mesh, local)
+    return self.ds.train_batch(step, batch_size=cfg.batch_size,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+
+  def global_batch(self, step: int) -> dict:
+    return parallel.shard_batch(self.mesh, self.local_batch(step))
+
+  def batches(self, start: int):
+    """Global batches from step `start` on: host batches are read two steps
+    ahead in a background thread; the device copy (shard_batch) is async."""
+    host = input_pipeline.prefetch(
+        (self.local_batch(step)
+         for step in range(start, self.config.training.num_steps)),
+        buffer_size=2)
+    for local in host:
+      yield parallel.shard_batch(self.mesh, local)
 
   def evaluate(self, params, split: str = "test") -> dict:
     return evaluate.evaluate_split(
@@ -302,8 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   result = {}
 
   with checkpointing.PreemptionGuard() as guard:
-    for step in range(start, cfg.num_steps):
-      batch = trainer.global_batch(step)
+    for step, batch in zip(range(start, cfg.num_steps),
+                           trainer.batches(start)):
       state, metrics = trainer.train_step(state, batch)
       pending.append(metrics)
       done = step + 1
