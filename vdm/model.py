@@ -295,15 +295,20 @@ class Model:
          weighting_lib.get(self.weighting, **dict(self.weighting_kwargs)))
     noise_gamma_fn = self.noise_gamma_fn(params, adaptive_state)
 
+    # One jvp gives the noise levels and gamma'(t) = 1/p(lambda) for both the
+    # continuous loss and the adaptive histogram's extras.
+    gamma_t, dgamma_dt = jax.jvp(noise_gamma_fn, (t,), (jnp.ones_like(t),))
     if self.variance_minimization:
       loss_diff = self._variance_minimizing_diffusion_loss(params, f, t, eps,
                                                            labels, key_dropout)
+    elif self.num_steps == 0:
+      loss_diff = elbo.continuous_diffusion_loss(eps_fn, f, gamma_t, dgamma_dt,
+                                                 eps, weighting=w)
     else:
       loss_diff = elbo.diffusion_loss(eps_fn, noise_gamma_fn, f, t, eps,
-                                      num_steps=self.num_steps, weighting=w)
+                                      num_steps=self.num_steps)
     # Extras for the adaptive histogram: lambda and w * mse (per dimension);
-    # gamma'(t) = 1/p(lambda), so dividing it out undoes the importance weight.
-    gamma_t, dgamma_dt = jax.jvp(noise_gamma_fn, (t,), (jnp.ones_like(t),))
+    # dividing out gamma'(t) = 1/p(lambda) undoes the importance weight.
     gamma_t = jax.lax.stop_gradient(gamma_t)
     dgamma_dt = jax.lax.stop_gradient(dgamma_dt)
     weighted_mse = jax.lax.stop_gradient(loss_diff) * 2.0 / (
