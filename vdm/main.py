@@ -65,11 +65,10 @@ def restore_for_inference(trainer: train.Trainer, workdir: str):
   return state, step
 
 
-def print_summary(trainer: train.Trainer, result: dict, workdir: str):
+def print_summary(ds, config, result: dict, workdir: str):
   """The demo's closing table: the model's test bpd next to baselines."""
-  ds = trainer.ds
   rows = [("VDM (this run, EMA params)", result["bpd"])]
-  if trainer.config.training.report_baselines:
+  if config.training.report_baselines:
     rows.append(("uniform over the levels", math.log2(ds.vocab_size)))
     rows.append(("per-pixel categorical, add-one (fit on train)",
                  input_pipeline.baseline_bpd(ds, split="test")))
@@ -104,7 +103,10 @@ def main(argv):
   if _MODE.value == "train":
     result = train.train_and_evaluate(config, workdir)
     if result and parallel.is_main_process():
-      print_summary(_summary_trainer(config), result, workdir)
+      ds = input_pipeline.create(config.data.dataset,
+                                 data_dir=config.data.data_dir or None,
+                                 seed=config.training.seed)
+      print_summary(ds, config, result, workdir)
     return
   trainer = train.Trainer(config)
   state, step = restore_for_inference(trainer, workdir)
@@ -120,14 +122,6 @@ def main(argv):
     if parallel.is_main_process():
       path = evaluate.write_samples(trainer, params, workdir, step)
       print(f"wrote {path}")
-
-
-def _summary_trainer(config):
-  """A light object with what print_summary reads (no recompile)."""
-  ds = input_pipeline.create(config.data.dataset,
-                             data_dir=config.data.data_dir or None,
-                             seed=config.training.seed)
-  return type("Summary", (), {"ds": ds, "config": config})()
 
 
 if __name__ == "__main__":
