@@ -308,6 +308,64 @@ def test_reconstruction_loss_matches_numpy_softmax():
       atol=1e-5)
 
 
+def _recon_float64(x, z_0, gamma_0, vocab_size):
+  """-sum log_softmax(logits)[x] in float64 numpy, with d/dz_0, d/dgamma_0.
+
+  Derivatives from the definition: with u = z_0 / alpha_0, s = e^-gamma_0,
+  d log p / du = s (f_x - E_p f), d log p / ds = 0.5 (E_p (u - f)^2 -
+  (u - f_x)^2), du / dgamma_0 = 0.5 u sigmoid(gamma_0), ds / dgamma_0 = -s.
+  """
+  x, z_0, g = (np.asarray(a, np.float64) for a in (x, z_0, gamma_0))
+  g = g.reshape(g.shape + (1,) * (z_0.ndim - 1))
+  f_v = 2 * (np.arange(vocab_size) + 0.5) / vocab_size - 1
+  f_x = 2 * (x + 0.5) / vocab_size - 1
+  inv_alpha, s = np.sqrt(1 + np.exp(g)), np.exp(-g)
+  u = z_0 * inv_alpha
+  logits = -0.5 * s[..., None] * (u[..., None] - f_v)**2
+  logits -= logits.max(-1, keepdims=True)
+  log_norm = np.log(np.exp(logits).sum(-1, keepdims=True))
+  p = np.exp(logits - log_norm)
+  log_p = np.take_along_axis(logits - log_norm, x[..., None].astype(int),
+                             -1)[..., 0]
+  d_du = s * (f_x - p @ f_v)
+  d_ds = 0.5 * ((p * (u[..., None] - f_v)**2).sum(-1) - (u - f_x)**2)
+  sigmoid_g = 1 / (1 + np.exp(-g))
+  d_dg = d_du * 0.5 * u * sigmoid_g - d_ds * s
+  axes = tuple(range(1, z_0.ndim))
+  return (-log_p.sum(axes), -d_du * inv_alpha, -d_dg.sum(axes))
+
+
+@pytest.mark.parametrize("gamma_0", [
+    [-13.3, -13.3, -12.0],      # the paper's gamma_0: 17-level window
+    [-9.7, -9.7, -9.7],         # just inside the window's bound (-9.63)
+    [-13.3, -6.0, -13.3],       # one example far outside it: all levels
+    [-5.0, 0.0, 3.0]])          # large noise, all levels
+def test_reconstruction_loss_and_gradients_match_float64_softmax(gamma_0):
+  # Window and full sums agree with the definition in float64, values and
+  # both gradients (the custom JVP), including values at the range's edges.
+  rng = np.random.default_rng(11)
+  x = rng.integers(0, 256, (3, 6, 5))
+  x[:, 0, :] = 0
+  x[:, 1, :] = 255
+  gamma_0 = np.asarray(gamma_0, np.float32)
+  f = elbo.encode(x, 256)
+  z_0 = np.array(elbo.diffuse(f, gamma_0, rng.standard_normal(x.shape)))
+  z_0[:, 2, 0] = [1.3, -1.2, 1.01]          # u far outside [-1, 1]
+  loss_fn = lambda z, g: elbo.reconstruction_loss(x, z, g, 256).sum()
+  value, (d_z, d_g) = jax.jit(jax.value_and_grad(loss_fn, (0, 1)))(
+      z_0, gamma_0)
+  want, want_dz, want_dg = _recon_float64(x, z_0, gamma_0, 256)
+  np.testing.assert_allclose(value, want.sum(), rtol=2e-6)
+  np.testing.assert_allclose(d_z, want_dz, rtol=2e-4,
+                             atol=2e-5 * np.abs(want_dz).max())
+  np.testing.assert_allclose(d_g, want_dg, rtol=2e-4,
+                             atol=2e-5 * np.abs(want_dg).max())
+  # Forward mode gives the same directional derivative.
+  direction = rng.standard_normal(z_0.shape).astype(np.float32)
+  _, tangent = jax.jvp(lambda z: loss_fn(z, gamma_0), (z_0,), (direction,))
+  np.testing.assert_allclose(tangent, (want_dz * direction).sum(), rtol=2e-4)
+
+
 def test_decode_logits_argmax_recovers_x_at_low_noise():
   # gamma_0 = -20: noise std e^-10 = 4.5e-5 vs half a bin 3.9e-3.
   rng = np.random.default_rng(3)
