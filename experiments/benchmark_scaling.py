@@ -174,7 +174,7 @@ def measure(args) -> list[dict]:
           learning_rate_fn=lr_fn),
       in_shardings=(state_sharding, parallel.data_sharding(mesh)),
       out_shardings=(state_sharding, parallel.replicated(mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=parallel.compiler_options())
   device = mesh.devices.flat[0]
   peak, peak_source = (peak_flops(device.device_kind, args.dtype)
                        if jax.default_backend() != "cpu"

@@ -55,6 +55,7 @@ def run_ours(preset: str, batch_size: int, steps: int, warmup: int,
   from jax import monitoring  # pylint: disable=g-import-not-at-top
   from configs import cifar10  # pylint: disable=g-import-not-at-top
   from vdm import model as model_lib  # pylint: disable=g-import-not-at-top
+  from vdm import parallel  # pylint: disable=g-import-not-at-top
   from vdm import train  # pylint: disable=g-import-not-at-top
   import flax, optax  # pylint: disable=g-import-not-at-top,multiple-imports
   del rss_imports_before
@@ -83,7 +84,8 @@ def run_ours(preset: str, batch_size: int, steps: int, warmup: int,
   step = jax.jit(lambda s, b: train.train_step(
       s, b, model=model, base_key=jax.random.key(1),
       ema_decay=config.optimizer.ema_decay, adaptive_decay=0.99,
-      learning_rate_fn=lr_fn), donate_argnums=(0,))
+      learning_rate_fn=lr_fn), donate_argnums=(0,),
+      compiler_options=parallel.compiler_options())
   rng = np.random.default_rng(seed)
   batch = {"image": rng.integers(0, 256, (batch_size, 32, 32, 3),
                                  dtype=np.uint8),

@@ -192,6 +192,35 @@ def test_single_process_helpers(monkeypatch):
     parallel.check_config_agreement({"lr": 0.1})
 
 
+def test_cpu_compiler_options_move_convolutions_and_keep_the_numbers(
+    monkeypatch):
+  # The steps' XLA:CPU options route convolutions away from YNNPACK: the
+  # compiled program has no YNNPACK convolution fusion, and a convolution's
+  # forward and both gradients agree with XLA's default lowering.
+  assert jax.default_backend() == "cpu"
+  options = parallel.compiler_options()
+  assert options == parallel.CPU_COMPILER_OPTIONS
+  dn = ("NHWC", "HWIO", "NHWC")
+  def loss(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=dn)
+    return jnp.sum(jnp.tanh(y) ** 2)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 32, 32, 64)).astype(np.float32)
+  w = 0.05 * rng.standard_normal((3, 3, 64, 32)).astype(np.float32)
+  fn = jax.value_and_grad(loss, (0, 1))
+  tuned = jax.jit(fn, compiler_options=options).lower(x, w).compile()
+  default = jax.jit(fn).lower(x, w).compile()
+  assert "__ynn_fusion" in default.as_text()   # the default does use YNNPACK
+  ynn_convs = [l for l in tuned.as_text().splitlines()
+               if "__ynn_fusion" in l and "conv_general_dilated" in l]
+  assert not ynn_convs
+  for a, b in zip(jax.tree.leaves(tuned(x, w)), jax.tree.leaves(default(x, w))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  monkeypatch.setenv("VDM_XLA_CPU_DEFAULTS", "0")
+  assert parallel.compiler_options() is None
+
+
 @pytest.mark.parametrize("env, kwargs, match", [
     ({"VDM_COORDINATOR": "localhost:1234"}, {},
      r"missing num_processes, process_id.*VDM_NUM_PROCESSES"),

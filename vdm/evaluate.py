@@ -222,7 +222,7 @@ def make_sampler(model, *, sampler: str, num_steps: int, num_samples: int,
                         mode=decode)
     return x, frames
 
-  return jax.jit(run)
+  return jax.jit(run, compiler_options=parallel.compiler_options())
 
 
 def sample_labels(model, num_samples: int):

@@ -218,16 +218,18 @@ class Trainer:
         ema_decay=config.optimizer.ema_decay,
         adaptive_decay=config.model.adaptive_decay,
         learning_rate_fn=self.learning_rate_fn)
+    options = parallel.compiler_options()
     self.train_step = jax.jit(
         step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
-        out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
+        out_shardings=(self.state_sharding, repl), donate_argnums=(0,),
+        compiler_options=options)
     eval_fn = functools.partial(
         eval_step, model=self.model,
         eval_key=jax.random.key(config.training.eval_seed))
     self.eval_step = jax.jit(
         eval_fn, in_shardings=(self.state_sharding.ema_params,
                                self.batch_sharding, repl),
-        out_shardings=repl)
+        out_shardings=repl, compiler_options=options)
 
   def gather(self, tree):
     """A copy of `tree` replicated on every device, so process 0 can fetch
