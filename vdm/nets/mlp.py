@@ -27,8 +27,8 @@ class _ResidualBlock(nn.Module):
                train: bool) -> jax.Array:
     dense = lambda n, name, **kw: nn.Dense(
         n, dtype=self.dtype, param_dtype=jnp.float32, name=name, **kw)
-    h = nn.swish(layers.GroupNorm(self.num_groups, dtype=self.dtype,
-                                  name="norm_1")(x))
+    h = layers.GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
+                         name="norm_1")(x)
     h = dense(self.hidden, "dense_1")(h)
     scale, shift = jnp.split(dense(2 * self.hidden, "film")(emb), 2, axis=-1)
     h = layers.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_2")(h)
@@ -111,8 +111,8 @@ class MLP(nn.Module):
     for i in range(self.num_blocks):
       h = _ResidualBlock(self.hidden, self.dropout, self.num_groups,
                          self.dtype, name=f"block_{i}")(h, emb, train=train)
-    h = nn.swish(layers.GroupNorm(self.num_groups, dtype=self.dtype,
-                                  name="norm_out")(h))
+    h = layers.GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
+                         name="norm_out")(h)
     out = nn.Dense(z.shape[-1], kernel_init=nn.initializers.zeros,
                    dtype=self.dtype, param_dtype=jnp.float32,
                    name="dense_out")(h).astype(jnp.float32)

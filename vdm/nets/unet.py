@@ -172,8 +172,8 @@ class UNet(nn.Module):
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest x2
         h = layers.conv3x3(h.shape[-1], self.dtype, f"upsample_{level}")(h)
 
-    h = nn.swish(layers.GroupNorm(self.num_groups, dtype=self.dtype,
-                                  name="norm_out")(h))
+    h = layers.GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
+                         name="norm_out")(h)
     out = layers.conv3x3(z.shape[-1], self.dtype, "conv_out",
                          zero_init=True)(h).astype(jnp.float32)
     return out + z if self.z_skip else out

@@ -143,8 +143,8 @@ class VDMUNet(nn.Module):
       if self.attention:
         h = attention_block(f"up_attention_{i}")(h)
 
-    h = nn.swish(layers.GroupNorm(self.num_groups, dtype=self.dtype,
-                                  name="norm_out")(h))
+    h = layers.GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
+                         name="norm_out")(h)
     out = layers.conv3x3(z.shape[-1], self.dtype, "conv_out",
                          zero_init=True)(h).astype(jnp.float32)
     return out + z if self.z_skip else out
