@@ -124,6 +124,8 @@ def test_non_finite_loss_stops_and_saves_nothing_bad(tmp_path):
   with pytest.raises(RuntimeError, match=r"non-finite .* between steps"):
     train.train_and_evaluate(config, str(tmp_path))
   ckpt_dir = tmp_path / "checkpoints"
+  # The error left after every async save in flight was complete on disk.
+  assert not [s for s in os.listdir(ckpt_dir) if "tmp" in s]
   saved = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
   trainer = train.Trainer(config)
   ckpt = checkpointing.Manager(str(ckpt_dir), async_save=False)

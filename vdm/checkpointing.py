@@ -192,6 +192,7 @@ class Manager:
         item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                        _METADATA: ocp.JsonCheckpointHandler()},
         options=options)
+    self._closed = False
 
   @property
   def directory(self) -> str:
@@ -392,7 +393,10 @@ class Manager:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and releases Orbax's resources."""
+    """Waits for pending saves and releases Orbax's resources (idempotent)."""
+    if self._closed:
+      return
+    self._closed = True
     self._manager.wait_until_finished()
     self._manager.close()
 

@@ -13,6 +13,7 @@ checkpoint needs no key and no iterator state beyond the step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -301,7 +302,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   ckpt = checkpointing.Manager(
       os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
       keep_best=True, best_metric="bpd")
+  writer = evaluate.MetricWriter(workdir, enabled=main_process)
+  # Closing the manager waits for in-flight async saves, also when a
+  # non-finite loss (or any error) stops the run: the last good checkpoint is
+  # always complete on disk before the exception leaves this function.
+  with ckpt, contextlib.closing(writer):
+    return _train_loop(trainer, workdir, ckpt, writer)
 
+
+def _train_loop(trainer: Trainer, workdir: str, ckpt: checkpointing.Manager,
+                writer: evaluate.MetricWriter) -> dict:
+  cfg = trainer.config.training
+  main_process = parallel.is_main_process()
   # Restore or init: 1) fresh state with the final shardings; 2) replace it
   # by the newest valid checkpoint (skipping corrupt ones, with a warning).
   state = trainer.init_state()
@@ -311,7 +323,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     state, _, last_good = restored
     logging.info("resumed from step %d", last_good)
   start = int(jax.device_get(state.step))
-  writer = evaluate.MetricWriter(workdir, enabled=main_process)
   progress = evaluate.Progress(cfg.num_steps, start, enabled=main_process)
   pending, window_start = [], start
   result = {}
@@ -349,15 +360,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         ckpt.wait_until_finished()
         progress.message(f"preempted: saved step {done}; rerun the same "
                          "command to resume.")
-        writer.close()
         return {}
   ckpt.wait_until_finished()
   progress.close()
 
   if cfg.num_steps > start or not result:
     result = finish(trainer, state, workdir, writer, ckpt)
-  writer.close()
-  ckpt.close()
   return result
 
 
