@@ -428,10 +428,14 @@ def test_attention_matches_numpy(num_heads):
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_spatial_attention_gradient_matches_autodiff_of_the_definition(dtype):
-  # The hand-written backward pass against float64 autodiff of
-  # softmax(q k^T) v written plainly over flattened positions.
+@pytest.mark.parametrize("dtype,query_chunk", [
+    (jnp.float32, None), (jnp.float32, 3), (jnp.float32, 4),
+    (jnp.bfloat16, None), (jnp.bfloat16, 6)])
+def test_spatial_attention_gradient_matches_autodiff_of_the_definition(
+    dtype, query_chunk):
+  # The hand-written, query-chunked backward pass against float64 autodiff
+  # of softmax(q k^T) v written plainly over flattened positions (12
+  # positions: one chunk by default, else 4, 3 or 2 chunks).
   rs = np.random.RandomState(5)
   shape = (2, 2, 3, 4, 5)                                   # [B, N, H, W, D]
   q, k, v, d_out = (rs.normal(size=shape) for _ in range(4))
@@ -445,7 +449,8 @@ def test_spatial_attention_gradient_matches_autodiff_of_the_definition(dtype):
     want_out, vjp = jax.vjp(plain, q, k, v)
     want = vjp(d_out)
   args = [jnp.asarray(a, dtype) for a in (q, k, v)]
-  out, vjp = jax.vjp(layers.spatial_attention, *args)
+  out, vjp = jax.vjp(
+      lambda q, k, v: layers.spatial_attention(q, k, v, query_chunk), *args)
   grads = vjp(jnp.asarray(d_out, dtype))
   tol = 1e-5 if dtype == jnp.float32 else 3e-2
   assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -454,6 +459,19 @@ def test_spatial_attention_gradient_matches_autodiff_of_the_definition(dtype):
   for got, expected in zip(grads, want):
     np.testing.assert_allclose(np.asarray(got, np.float64), expected,
                                rtol=tol, atol=tol * np.abs(expected).max())
+
+
+def test_query_chunk_size_divides_and_bad_inputs_raise():
+  assert layers.query_chunk_size(1024) == 128             # 8 steps at 32x32
+  assert layers.query_chunk_size(256) == 64
+  assert layers.query_chunk_size(64) == 64                # one step
+  assert layers.query_chunk_size(784) == 98               # 28x28 MNIST
+  assert layers.query_chunk_size(49) == 49
+  q = jnp.zeros((1, 1, 3, 4, 2))
+  with pytest.raises(ValueError, match="must divide the 12 positions"):
+    layers.spatial_attention(q, q, q, 5)
+  with pytest.raises(ValueError, match="one shape"):
+    layers.spatial_attention(q, q[..., :1], q)
 
 
 # ------------------------------------------------------- parameterisation

@@ -424,39 +424,127 @@ class ResnetBlock(nn.Module):
     return x.astype(h.dtype) + h
 
 
-@jax.custom_vjp
-def spatial_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def query_chunk_size(positions: int) -> int:
+  """Query rows per step of `spatial_attention`: the largest divisor of
+  `positions` that is <= max(64, positions // 8).
+
+  Eight steps at 32x32: on 2 CPU cores the [B, N, chunk, positions] logits
+  block then stays in cache (forward + backward 1.9x faster than the whole
+  matrix at B16 D32, 1.4x at B4 D128; 4 or 16 steps were slower at one or
+  the other). Small maps (<= 64 positions) take one step.
+  """
+  if positions < 1:
+    raise ValueError(f"attention over {positions} positions.")
+  target = max(64, positions // 8)
+  return max(c for c in range(1, min(target, positions) + 1)
+             if positions % c == 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def spatial_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      query_chunk: Optional[int] = None) -> jax.Array:
   """softmax(q k^T) v over all positions, for [B, N heads, H, W, D] operands.
 
   `q` comes pre-scaled. Logits and softmax in float32, the weights in v's
-  dtype. The backward pass is written out (Dao et al. 2022, FlashAttention,
-  arXiv:2205.14135, eq. for dS): the softmax Jacobian's row term
-  sum_j P_ij dP_ij equals sum_d dO_id O_id, a reduction over D instead of
-  over the [H W, H W] matrix (the tiny paper U-Net's train step, attention at
-  32x32, is ~4% faster on CPU).
+  dtype. Memory-efficient, in the manner of FlashAttention (Dao et al. 2022,
+  arXiv:2205.14135): the queries are processed `query_chunk` rows at a time
+  (default `query_chunk_size(H W)`; it must divide H W), the forward pass
+  keeps only each row's log-sum-exp, and the backward pass recomputes each
+  block's weights and uses the paper's row identity sum_j P_ij dP_ij =
+  sum_d dO_id O_id. Every contraction is laid out as a row-major matmul
+  (keys, values, queries and output gradients transposed once to [.., D, HW]):
+  the [B, N, HW, HW] matrix is never formed, and the tiny paper U-Net's CPU
+  train step (attention at 32x32) is ~1.2x faster than with the whole matrix.
   """
-  return _spatial_attention_fwd(q, k, v)[0]
+  return _spatial_attention_fwd(q, k, v, query_chunk)[0]
 
 
-def _spatial_attention_fwd(q, k, v):
-  logits = jnp.einsum("bnhwd,bnxyd->bnhwxy", q, k,
-                      preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits, axis=(-2, -1)).astype(v.dtype)
-  out = jnp.einsum("bnhwxy,bnxyd->bnhwd", weights, v)
-  return out, (q, k, v, weights, out)
+def _attention_chunks(q, query_chunk):
+  """[B, N, H, W, D] -> ([B, N, T, D], chunk size, number of chunks)."""
+  b, n, h, w, d = q.shape
+  t = h * w
+  chunk = query_chunk or query_chunk_size(t)
+  if chunk < 1 or t % chunk:
+    raise ValueError(f"query_chunk={chunk} must divide the {t} positions.")
+  return q.reshape(b, n, t, d), chunk, t // chunk
 
 
-def _spatial_attention_bwd(residuals, d_out):
-  q, k, v, weights, out = residuals
-  d_v = jnp.einsum("bnhwxy,bnhwd->bnxyd", weights, d_out.astype(v.dtype))
-  d_weights = jnp.einsum("bnhwd,bnxyd->bnhwxy", d_out, v,
-                         preferred_element_type=jnp.float32)
-  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  d_logits = (weights.astype(jnp.float32)
-              * (d_weights - row[..., None, None])).astype(q.dtype)
-  d_q = jnp.einsum("bnhwxy,bnxyd->bnhwd", d_logits, k)
-  d_k = jnp.einsum("bnhwxy,bnhwd->bnxyd", d_logits, q)
-  return d_q, d_k.astype(k.dtype), d_v
+def _rows(a, chunks):
+  """[B, N, T, D] -> [chunks, B, N, T / chunks, D]."""
+  b, n, t, d = a.shape
+  return jnp.moveaxis(a.reshape(b, n, chunks, t // chunks, d), 2, 0)
+
+
+def _cols(a, chunks):
+  """[B, N, T, D] -> [chunks, B, N, D, T / chunks]."""
+  return jnp.swapaxes(_rows(a, chunks), -1, -2)
+
+
+def _unrows(a):
+  """Inverse of `_rows`."""
+  c, b, n, t, d = a.shape
+  return jnp.moveaxis(a, 0, 2).reshape(b, n, c * t, d)
+
+
+def _spatial_attention_fwd(q, k, v, query_chunk):
+  shape = q.shape
+  if q.ndim != 5 or k.shape != shape or v.shape != shape:
+    raise ValueError(f"spatial_attention takes q, k, v of one shape [B, N, H, "
+                     f"W, D]; got {q.shape}, {k.shape}, {v.shape}.")
+  q, chunk, chunks = _attention_chunks(q, query_chunk)
+  k, v = k.reshape(q.shape), v.reshape(q.shape)
+  k_t = jnp.swapaxes(k, -1, -2)                               # [B, N, D, T]
+
+  def block(q_c):                                             # [B, N, c, D]
+    logits = jnp.einsum("bncd,bndt->bnct", q_c, k_t,
+                        preferred_element_type=jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    weights = jnp.exp(logits - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bnct,bntd->bncd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32) / total
+    return out.astype(v.dtype), (top + jnp.log(total))[..., 0]
+
+  out, lse = jax.lax.map(block, _rows(q, chunks))   # lse: [chunks, B, N, c]
+  out = _unrows(out)
+  return out.reshape(shape), (q, k, v, out, lse)
+
+
+def _spatial_attention_bwd(query_chunk, residuals, d_out):
+  del query_chunk                                  # chunks: from lse's shape
+  q, k, v, out, lse = residuals
+  chunks, shape = lse.shape[0], d_out.shape          # shape: [B, N, H, W, D]
+  d_out = d_out.reshape(q.shape).astype(v.dtype)
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  row = jnp.moveaxis(row.reshape(row.shape[:2] + (chunks, -1)), 2, 0)
+  k_t, v_t = jnp.swapaxes(k, -1, -2), jnp.swapaxes(v, -1, -2)
+
+  def block(carry, xs):
+    d_k_t, d_v_t = carry                              # [B, N, D, T] float32
+    q_c, q_c_t, d_out_c, d_out_c_t, lse_c, row_c = xs
+    logits = jnp.einsum("bncd,bndt->bnct", q_c, k_t,
+                        preferred_element_type=jnp.float32)
+    weights = jnp.exp(logits - lse_c[..., None])
+    d_v_t += jnp.einsum("bndc,bnct->bndt", d_out_c_t,
+                        weights.astype(v.dtype),
+                        preferred_element_type=jnp.float32)
+    d_weights = jnp.einsum("bncd,bndt->bnct", d_out_c, v_t,
+                           preferred_element_type=jnp.float32)
+    d_logits = (weights * (d_weights - row_c[..., None])).astype(q.dtype)
+    d_q_c = jnp.einsum("bnct,bntd->bncd", d_logits, k,
+                       preferred_element_type=jnp.float32)
+    d_k_t += jnp.einsum("bndc,bnct->bndt", q_c_t, d_logits,
+                        preferred_element_type=jnp.float32)
+    return (d_k_t, d_v_t), d_q_c.astype(q.dtype)
+
+  zeros = jnp.zeros(k_t.shape, jnp.float32)
+  (d_k_t, d_v_t), d_q = jax.lax.scan(
+      block, (zeros, zeros),
+      (_rows(q, chunks), _cols(q, chunks), _rows(d_out, chunks),
+       _cols(d_out, chunks), lse, row))
+  d_k = jnp.swapaxes(d_k_t, -1, -2).astype(k.dtype)
+  d_v = jnp.swapaxes(d_v_t, -1, -2).astype(v.dtype)
+  return tuple(g.reshape(shape) for g in (_unrows(d_q), d_k, d_v))
 
 
 spatial_attention.defvjp(_spatial_attention_fwd, _spatial_attention_bwd)
