@@ -399,6 +399,67 @@ def test_group_norm_gradients_match_autodiff_of_the_definition(shape, swish):
                              atol=0.05 * np.abs(want[0]).max())
 
 
+def test_channel_parts_equal_the_concatenated_input():
+  # GroupNorm (groups aligned with the parts, and not: concatenated then),
+  # Conv3x3, Dense and a whole ResnetBlock on (h, skip) against the same
+  # modules, same parameters, on concatenate([h, skip]).
+  rs = np.random.RandomState(11)
+  h = jnp.asarray(rs.normal(size=(2, 5, 6, 8)), jnp.float32)
+  skip = jnp.asarray(rs.normal(size=(2, 5, 6, 4)) * 3 + 1, jnp.float32)
+  whole = jnp.concatenate([h, skip], axis=-1)
+  for num_groups in (4, 3):                 # group size 3 straddles the parts
+    norm = layers.GroupNorm(num_groups, swish=True)
+    v = perturb(norm.init(jax.random.key(0), whole), 1)
+    got = norm.apply(v, (h, skip))
+    assert isinstance(got, tuple)
+    np.testing.assert_allclose(np.concatenate(got, -1), norm.apply(v, whole),
+                               rtol=1e-5, atol=1e-5)
+  for module in (layers.Conv3x3(7), layers.Dense(7)):
+    v = perturb(module.init(jax.random.key(0), whole), 2)
+    np.testing.assert_allclose(module.apply(v, (h, skip)),
+                               module.apply(v, whole), rtol=1e-5, atol=1e-5)
+  block = layers.ResnetBlock(8, num_groups=4)
+  emb = jnp.asarray(rs.normal(size=(2, 16)), jnp.float32)
+  v_parts = block.init(jax.random.key(3), (h, skip), emb, train=False)
+  v = block.init(jax.random.key(3), whole, emb, train=False)
+  jax.tree.map(np.testing.assert_array_equal, v_parts, v)  # same params
+  v = perturb(v, 4)
+
+  def loss(v, h, skip, parts):
+    x = (h, skip) if parts else jnp.concatenate([h, skip], axis=-1)
+    return jnp.sum(jnp.sin(block.apply(v, x, emb, train=False)))
+
+  grads = [jax.grad(loss, (0, 1, 2))(v, h, skip, parts) for parts in (1, 0)]
+  for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(got, want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+
+
+def test_conv3x3_and_dense_initialise_as_flax():
+  # Same parameter names, shapes and initial values as flax.linen's modules:
+  # checkpoints and the official-weights mapping stay valid.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((1, 4, 4, 6))
+  for ours, theirs in [
+      (layers.Conv3x3(5), nn.Conv(5, (3, 3), padding="SAME")),
+      (layers.Conv3x3(5, zero_init=True),
+       nn.Conv(5, (3, 3), kernel_init=nn.initializers.zeros)),
+      (layers.Dense(5), nn.Dense(5))]:
+    a, b = ours.init(jax.random.key(7), x), theirs.init(jax.random.key(7), x)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    np.testing.assert_allclose(ours.apply(a, x), theirs.apply(b, x),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_channel_parts_errors():
+  with pytest.raises(ValueError, match="empty tuple"):
+    layers.as_parts(())
+  with pytest.raises(ValueError, match="agree on all but the last axis"):
+    layers.as_parts((jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 5, 2))))
+  with pytest.raises(ValueError, match=r"takes \[B, H, W, C\]"):
+    layers.Conv3x3(3).init(jax.random.key(0), jnp.zeros((4, 2)))
+
+
 @pytest.mark.parametrize("num_heads", [1, 2])
 def test_attention_matches_numpy(num_heads):
   x = np.random.RandomState(0).normal(size=(2, 3, 2, 4)).astype(np.float32)

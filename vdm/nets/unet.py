@@ -163,7 +163,7 @@ class UNet(nn.Module):
 
     for level in reversed(range(len(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = (h, skips.pop())             # channels [h, skip], not concatenated
         h = block(f"up_{level}_{i}", self.channels * self.channel_mult[level])(
             h, emb, train=train)
         if attend(level):

@@ -138,7 +138,7 @@ class VDMUNet(nn.Module):
     h = block("mid_block_2")(h, emb, train=train)
 
     for i in range(self.n_blocks + 1):
-      h = jnp.concatenate([h, skips.pop()], axis=-1)          # [B, H, W, 2 C]
+      h = (h, skips.pop())               # channels [h, skip], not concatenated
       h = block(f"up_{i}", self.channels)(h, emb, train=train)
       if self.attention:
         h = attention_block(f"up_attention_{i}")(h)
