@@ -7,6 +7,7 @@ module, so nothing at module level may touch a JAX backend.
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -192,30 +193,49 @@ def test_single_process_helpers(monkeypatch):
     parallel.check_config_agreement({"lr": 0.1})
 
 
+def _ynn_fused_opcodes(hlo_text):
+  """Opcodes inside the computations that YNNPACK fusions call."""
+  called = set(re.findall(r"calls=%([\w.\-]+).*__ynn_fusion", hlo_text))
+  opcodes, inside = set(), False
+  for line in hlo_text.splitlines():
+    head = re.match(r"^%([\w.\-]+) .*\{$", line)
+    if head:
+      inside = head.group(1) in called
+    elif inside:
+      op = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = \S+ ([\w\-]+)\(", line)
+      if op:
+        opcodes.add(op.group(1))
+  return opcodes
+
+
 def test_cpu_compiler_options_move_convolutions_and_keep_the_numbers(
     monkeypatch):
-  # The steps' XLA:CPU options route convolutions away from YNNPACK: the
-  # compiled program has no YNNPACK convolution fusion, and a convolution's
-  # forward and both gradients agree with XLA's default lowering.
+  # The steps' XLA:CPU options route convolutions away from YNNPACK, also
+  # where a dot shares the convolution's consumer (a ResNet block's shortcut
+  # + conv, which a YNNPACK dot fusion would take whole): no YNNPACK fusion
+  # holds a convolution, the dots still go to YNNPACK, and the forward and
+  # all gradients agree with XLA's default lowering.
   assert jax.default_backend() == "cpu"
   options = parallel.compiler_options()
   assert options == parallel.CPU_COMPILER_OPTIONS
   dn = ("NHWC", "HWIO", "NHWC")
-  def loss(x, w):
+  def loss(x, w, w_short):
     y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                     dimension_numbers=dn)
+                                     dimension_numbers=dn) + x @ w_short
     return jnp.sum(jnp.tanh(y) ** 2)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((4, 32, 32, 64)).astype(np.float32)
   w = 0.05 * rng.standard_normal((3, 3, 64, 32)).astype(np.float32)
-  fn = jax.value_and_grad(loss, (0, 1))
-  tuned = jax.jit(fn, compiler_options=options).lower(x, w).compile()
-  default = jax.jit(fn).lower(x, w).compile()
-  assert "__ynn_fusion" in default.as_text()   # the default does use YNNPACK
-  ynn_convs = [l for l in tuned.as_text().splitlines()
-               if "__ynn_fusion" in l and "conv_general_dilated" in l]
-  assert not ynn_convs
-  for a, b in zip(jax.tree.leaves(tuned(x, w)), jax.tree.leaves(default(x, w))):
+  w_short = 0.1 * rng.standard_normal((64, 32)).astype(np.float32)
+  fn = jax.value_and_grad(loss, (0, 1, 2))
+  tuned = jax.jit(fn, compiler_options=options).lower(x, w, w_short).compile()
+  default = jax.jit(fn).lower(x, w, w_short).compile()
+  assert "convolution" in _ynn_fused_opcodes(default.as_text())
+  assert _ynn_fused_opcodes(tuned.as_text()) & {"dot", "convolution"} == {
+      "dot"}
+  args = (x, w, w_short)
+  for a, b in zip(jax.tree.leaves(tuned(*args)),
+                  jax.tree.leaves(default(*args))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
   monkeypatch.setenv("VDM_XLA_CPU_DEFAULTS", "0")
   assert parallel.compiler_options() is None

@@ -146,13 +146,17 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 # XLA:CPU compile options for the train/eval/sample steps. Convolutions go to
 # XLA's own (Eigen) kernels instead of YNNPACK, whose weight-gradient
-# convolution runs at about half its forward speed; dots and reductions stay
-# in YNNPACK. Measured on 2 AMD EPYC cores (experiments/benchmark_train.py):
-# paper U-Net train step 3.14 -> 2.37 s (cifar10, batch 4), 0.289 -> 0.242 s
-# (tiny, batch 16). Set VDM_XLA_CPU_DEFAULTS=0 to compile with XLA's defaults.
+# convolution runs at about half its forward speed; each dot (unfused: a dot
+# fusion would pull the convolutions that share its consumers, e.g. the
+# ResNet shortcut and the noise embedding, back into YNNPACK) and the
+# reductions stay in YNNPACK. Measured on 2 AMD EPYC cores: paper U-Net train
+# step 3.14 -> 2.37 s (cifar10, batch 4), 0.289 -> 0.242 s (tiny, batch 16)
+# with convolutions out of YNNPACK; then, same-process A/B, dots unfused:
+# -8% (cifar10), -9% (tiny), +0.6% (the mnist5k demo's step). Set
+# VDM_XLA_CPU_DEFAULTS=0 to compile with XLA's defaults.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
 ENV_XLA_CPU_DEFAULTS = "VDM_XLA_CPU_DEFAULTS"
 _compiler_options_cache: dict[str, Optional[dict[str, Any]]] = {}
