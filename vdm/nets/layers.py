@@ -560,13 +560,13 @@ def spatial_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def _attention_chunks(q, query_chunk):
-  """[B, N, H, W, D] -> ([B, N, T, D], chunk size, number of chunks)."""
+  """[B, N, H, W, D] -> ([B, N, T, D], number of query chunks)."""
   b, n, h, w, d = q.shape
   t = h * w
   chunk = query_chunk or query_chunk_size(t)
   if chunk < 1 or t % chunk:
     raise ValueError(f"query_chunk={chunk} must divide the {t} positions.")
-  return q.reshape(b, n, t, d), chunk, t // chunk
+  return q.reshape(b, n, t, d), t // chunk
 
 
 def _rows(a, chunks):
@@ -591,7 +591,7 @@ def _spatial_attention_fwd(q, k, v, query_chunk):
   if q.ndim != 5 or k.shape != shape or v.shape != shape:
     raise ValueError(f"spatial_attention takes q, k, v of one shape [B, N, H, "
                      f"W, D]; got {q.shape}, {k.shape}, {v.shape}.")
-  q, chunk, chunks = _attention_chunks(q, query_chunk)
+  q, chunks = _attention_chunks(q, query_chunk)
   k, v = k.reshape(q.shape), v.reshape(q.shape)
   k_t = jnp.swapaxes(k, -1, -2)                               # [B, N, D, T]
 
