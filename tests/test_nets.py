@@ -524,10 +524,19 @@ def test_spatial_attention_gradient_matches_autodiff_of_the_definition(
 
 def test_query_chunk_size_divides_and_bad_inputs_raise():
   assert layers.query_chunk_size(1024) == 128             # 8 steps at 32x32
-  assert layers.query_chunk_size(256) == 64
-  assert layers.query_chunk_size(64) == 64                # one step
+  assert layers.query_chunk_size(256) == 256              # one step at 16x16
+  assert layers.query_chunk_size(64) == 64
   assert layers.query_chunk_size(784) == 98               # 28x28 MNIST
   assert layers.query_chunk_size(49) == 49
+  # Accelerators: one step up to 1024 rows, then the largest divisor.
+  for backend in ("gpu", "tpu"):
+    assert layers.query_chunk_size(1024, backend) == 1024
+    assert layers.query_chunk_size(4096, backend) == 1024   # 64x64: 4 steps
+    assert layers.query_chunk_size(784, backend) == 784
+    assert layers.query_chunk_size(1156, backend) == 578     # 34x34
+  assert layers.query_chunk_size(1024, "cpu") == 128
+  with pytest.raises(ValueError, match="0 positions"):
+    layers.query_chunk_size(0)
   q = jnp.zeros((1, 1, 3, 4, 2))
   with pytest.raises(ValueError, match="must divide the 12 positions"):
     layers.spatial_attention(q, q, q, 5)
