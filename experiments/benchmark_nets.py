@@ -38,8 +38,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-PEER_DIR = os.path.join(REPO, "..", "shared", "peers", "google-research-vdm")
-PEER_PYTHON = os.path.join(HERE, ".peer-venv", "bin", "python")
+# The official code and the interpreter that runs it (PEER_DIR / PEER_PYTHON
+# in the environment override both, e.g. on a machine with its own venv).
+PEER_DIR = os.environ.get("PEER_DIR") or os.path.join(
+    REPO, "..", "shared", "peers", "google-research-vdm")
+PEER_PYTHON = os.environ.get("PEER_PYTHON") or os.path.join(
+    HERE, ".peer-venv", "bin", "python")
 IMAGE_SHAPE = (32, 32, 3)
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
 

@@ -21,11 +21,12 @@ so CPU numbers measure the overhead of sharding and collectives, not a
 speed-up.
 
 Model FLOPs utilisation (MFU) on an accelerator: FLOPs per step from XLA's
-cost analysis of the compiled step (`jitted.lower(...).compile()
-.cost_analysis()['flops']`: the per-device program after SPMD partitioning,
-multiply-add = 2 FLOPs, counting what XLA executes, e.g. also elementwise
-ops), divided by the step time and by the chip's peak FLOP/s from
-`PEAK_FLOPS` (dense, i.e. without structured sparsity). On CPU MFU is n/a.
+cost analysis of the lowered step (`jitted.lower(...).cost_analysis()
+['flops']`: the whole program before XLA's backend passes, multiply-add = 2
+FLOPs, also counting elementwise ops; the compiled program's count misses
+convolutions on GPU, which become cuDNN calls), divided by the devices, the
+step time and the chip's peak FLOP/s from `PEAK_FLOPS` (dense, i.e. without
+structured sparsity). On CPU MFU is n/a.
 
 Presets (DESIGN.md): `tiny` = 2 blocks, 32 channels; `small` = 8 blocks,
 64 channels; `cifar10` = the paper's 32 blocks, 128 channels. `--n_blocks`
@@ -124,9 +125,10 @@ def probe(args) -> dict:
           "device_kind": device.device_kind}
 
 
-def _cost_flops(compiled) -> float | None:
+def _cost_flops(stage) -> float | None:
+  """XLA's FLOP count of a `jax.stages.Lowered` or `Compiled`, or None."""
   try:
-    cost = compiled.cost_analysis()
+    cost = stage.cost_analysis()
   except Exception:  # pylint: disable=broad-except
     return None
   if isinstance(cost, (list, tuple)):
@@ -192,9 +194,16 @@ def measure(args) -> list[dict]:
         "label": np.zeros((batch_size,), np.int32)})
     state = init(key_init)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    flops_per_device = _cost_flops(compiled)
+    # FLOPs of the whole step from the HLO before XLA's backend passes: on
+    # GPU those turn convolutions into cuDNN custom calls that the compiled
+    # program's cost analysis counts as 0 FLOPs (seen on an H100: 0.66 of
+    # ~16 TFLOP per step). Before SPMD partitioning, hence / devices.
+    flops_total = _cost_flops(lowered)
+    flops_per_device = (flops_total / args.num_devices if flops_total
+                        else _cost_flops(compiled))
     for _ in range(args.warmup):
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
@@ -425,6 +434,8 @@ def main():
 
   if args.find_max_batch:
     n, per_device = max(counts), args.per_device_batch
+    if any(r["mode"] == "weak" and r["num_devices"] == n for r in records):
+      per_device *= 2             # the weak run measured this batch already
     while per_device <= args.max_per_device_batch:
       extra = ["--num_devices", str(n),
                "--batches", json.dumps([("max", per_device * n)]),

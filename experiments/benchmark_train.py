@@ -35,9 +35,11 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER = os.path.join(os.path.dirname(REPO), "shared", "peers",
-                    "google-research-vdm")
-PEER_PYTHON = os.path.join(REPO, "experiments", ".peer-venv", "bin", "python")
+# PEER_DIR / PEER_PYTHON in the environment override both (see benchmark_nets).
+PEER = os.environ.get("PEER_DIR") or os.path.join(
+    os.path.dirname(REPO), "shared", "peers", "google-research-vdm")
+PEER_PYTHON = os.environ.get("PEER_PYTHON") or os.path.join(
+    REPO, "experiments", ".peer-venv", "bin", "python")
 # tiny uses 8 GroupNorm groups: at 32 channels the official 32 groups of one
 # channel normalise the noise embedding away (same parameters and FLOPs).
 PRESETS = {"tiny": dict(n_blocks=2, channels=32, num_groups=8),
