@@ -34,12 +34,9 @@ import subprocess
 import sys
 import time
 
+from benchmark_nets import PEER_DIR, PEER_PYTHON  # where the official code is
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# PEER_DIR / PEER_PYTHON in the environment override both (see benchmark_nets).
-PEER = os.environ.get("PEER_DIR") or os.path.join(
-    os.path.dirname(REPO), "shared", "peers", "google-research-vdm")
-PEER_PYTHON = os.environ.get("PEER_PYTHON") or os.path.join(
-    REPO, "experiments", ".peer-venv", "bin", "python")
 # tiny uses 8 GroupNorm groups: at 32 channels the official 32 groups of one
 # channel normalise the noise embedding away (same parameters and FLOPs).
 PRESETS = {"tiny": dict(n_blocks=2, channels=32, num_groups=8),
@@ -152,8 +149,8 @@ def run_official(preset: str, batch_size: int, steps: int, warmup: int,
     print(f"[official] skipped: {PEER_PYTHON} missing; create it with "
           "bash experiments/peer_env.sh", file=sys.stderr)
     return None
-  cmd = [PEER_PYTHON, os.path.join(PEER, "bench_official.py"), "--preset",
-         preset, "--path", "jit", "--batch_size", str(batch_size),
+  cmd = [PEER_PYTHON, os.path.join(PEER_DIR, "bench_official.py"),
+         "--preset", preset, "--path", "jit", "--batch_size", str(batch_size),
          "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed)]
   env = dict(os.environ)
   if our_xla_options:
