@@ -30,6 +30,7 @@ Example (single or multi process, the same code):
   batch = parallel.shard_batch(mesh, local_numpy_batch)
 """
 
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -159,7 +160,6 @@ CPU_COMPILER_OPTIONS = {
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
 ENV_XLA_CPU_DEFAULTS = "VDM_XLA_CPU_DEFAULTS"
-_compiler_options_cache: dict[str, Optional[dict[str, Any]]] = {}
 
 
 def compiler_options() -> Optional[dict[str, Any]]:
@@ -169,21 +169,25 @@ def compiler_options() -> Optional[dict[str, Any]]:
   VDM_XLA_CPU_DEFAULTS=0, or when this jaxlib does not know an option (checked
   once by compiling a one-op function; a warning says so).
   """
-  backend = jax.default_backend()
-  if backend != "cpu" or os.environ.get(ENV_XLA_CPU_DEFAULTS) == "0":
+  if (jax.default_backend() != "cpu"
+      or os.environ.get(ENV_XLA_CPU_DEFAULTS) == "0"):
     return None
-  if backend not in _compiler_options_cache:
-    options = dict(CPU_COMPILER_OPTIONS)
-    try:
-      jax.jit(lambda x: x + 1, compiler_options=options).lower(
-          np.float32(0)).compile()
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("XLA:CPU options %s not supported by this jaxlib (%s); "
-                      "compiling with XLA's defaults.", options,
-                      str(e).splitlines()[0][:200])
-      options = None
-    _compiler_options_cache[backend] = options
-  return _compiler_options_cache[backend]
+  return _supported_cpu_options()
+
+
+@functools.cache
+def _supported_cpu_options() -> Optional[dict[str, Any]]:
+  """`CPU_COMPILER_OPTIONS` if this jaxlib compiles with them, else None."""
+  options = dict(CPU_COMPILER_OPTIONS)
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(
+        np.float32(0)).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("XLA:CPU options %s not supported by this jaxlib (%s); "
+                    "compiling with XLA's defaults.", options,
+                    str(e).splitlines()[0][:200])
+    return None
+  return options
 
 
 def is_main_process() -> bool:
