@@ -206,6 +206,16 @@ def _part_slices(parts: Parts) -> list[slice]:
   return [slice(int(end - p.shape[-1]), int(end)) for p, end in zip(parts, ends)]
 
 
+def _sum_over_parts(parts: Parts, apply) -> jax.Array:
+  """sum_i apply(part_i, rows_i), rows_i the part's channel range: a linear
+  map of the concatenation, applied part by part."""
+  out = None
+  for part, rows in zip(parts, _part_slices(parts)):
+    y = apply(part, rows)
+    out = y if out is None else out + y
+  return out
+
+
 class Conv3x3(nn.Module):
   """3x3 'SAME' stride-1 convolution of [B, H, W, C] (or of its channel parts:
   the sum of each part's convolution with its rows of the kernel).
@@ -230,12 +240,10 @@ class Conv3x3(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,),
                       jnp.float32)
     dtype = self.dtype or jnp.result_type(*parts, kernel)
-    out = None
-    for part, rows in zip(parts, _part_slices(parts)):
-      y = jax.lax.conv_general_dilated(
-          part.astype(dtype), kernel[:, :, rows].astype(dtype), (1, 1),
-          ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      out = y if out is None else out + y
+    conv = lambda part, rows: jax.lax.conv_general_dilated(
+        part.astype(dtype), kernel[:, :, rows].astype(dtype), (1, 1),
+        ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    out = _sum_over_parts(parts, conv)
     return out + bias.astype(dtype)
 
 
@@ -254,11 +262,9 @@ class Dense(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,),
                       jnp.float32)
     dtype = self.dtype or jnp.result_type(*parts, kernel)
-    out = None
-    for part, rows in zip(parts, _part_slices(parts)):
-      y = jax.lax.dot_general(part.astype(dtype), kernel[rows].astype(dtype),
-                              (((part.ndim - 1,), (0,)), ((), ())))
-      out = y if out is None else out + y
+    out = _sum_over_parts(parts, lambda part, rows: jax.lax.dot_general(
+        part.astype(dtype), kernel[rows].astype(dtype),
+        (((part.ndim - 1,), (0,)), ((), ()))))
     return out + bias.astype(dtype)
 
 
@@ -276,8 +282,13 @@ def _group_stats(x: jax.Array, num_groups: int, epsilon: float):
   mean = grouped.mean(axis=axes)                            # [B, G]
   var = jnp.maximum(jnp.square(grouped).mean(axis=axes) - jnp.square(mean),
                     0.0)
-  per_channel = lambda a: expand_to(jnp.repeat(a, group_size, axis=-1), x.ndim)
-  return per_channel(mean), per_channel(jax.lax.rsqrt(var + epsilon))
+  return (_per_channel(mean, group_size, x.ndim),
+          _per_channel(jax.lax.rsqrt(var + epsilon), group_size, x.ndim))
+
+
+def _per_channel(a: jax.Array, group_size: int, ndim: int) -> jax.Array:
+  """[B, G] per-group values -> [B, 1.., G group_size] per channel."""
+  return expand_to(jnp.repeat(a, group_size, axis=-1), ndim)
 
 
 def _swish_grad(y, d_out):
@@ -334,9 +345,9 @@ def _group_norm_bwd(num_groups, epsilon, swish, residuals, d_out):
   sum_dy_xhat = sums[:, channels:] * rstd.reshape(rstd.shape[0], channels)
   group_size = channels // num_groups
   count = group_size * math.prod(x.shape[1:-1])
-  group_mean = lambda a: expand_to(jnp.repeat(
+  group_mean = lambda a: _per_channel(
       a.reshape(a.shape[0], num_groups, group_size).sum(-1) / count,
-      group_size, axis=-1), x.ndim)
+      group_size, x.ndim)
   m1 = group_mean(sum_dy * scale)
   m2 = group_mean(sum_dy_xhat * scale)
   # dx = rstd (d_y scale - m1 - x_hat m2), per-channel coefficients.
