@@ -109,4 +109,5 @@ def main():
 
 
 if __name__ == "__main__":
+  parallel.reexec_with_tcmalloc()   # time the ops as vdm.main runs them
   main()

@@ -14,9 +14,11 @@ per implementation); the official one runs
 call per step; on XLA:CPU its lax.scan path is ~12x slower for reasons
 unrelated to VDM, see the peer's README) in experiments/.peer-venv
 (experiments/peer_env.sh creates it). This library's step is compiled with
-its XLA:CPU options (vdm.parallel.compiler_options(), as in training);
---official_with_our_xla_options adds a row for the official step under the
-same options, to separate what the options give from what the code gives.
+its XLA:CPU options (vdm.parallel.compiler_options(), as in training) and
+runs with tcmalloc preloaded when it is installed (as vdm.main does:
+vdm.parallel.reexec_with_tcmalloc); --official_with_our_xla_options adds a row
+for the official step under the same options and allocator (as XLA_FLAGS and
+LD_PRELOAD), to separate what they give from what the code gives.
 
 Prints one JSON line per implementation (keys as bench_official.py's) and a
 table with ratios.
@@ -129,6 +131,7 @@ def run_ours(preset: str, batch_size: int, steps: int, warmup: int,
       "rss_after_imports_mb": round(rss_after_imports, 1),
       "bpd_first": round(bpd_first, 4),
       "bpd_last": round(float(metrics["loss"]), 4),
+      "tcmalloc": parallel.tcmalloc_loaded(),
       "jax": jax.__version__, "flax": flax.__version__,
       "optax": optax.__version__, "backend": jax.default_backend(),
       "cpu_count": os.cpu_count(), "python": platform.python_version(),
@@ -143,6 +146,14 @@ def _official_xla_flags() -> str:
   return " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
 
 
+def _tcmalloc_environment() -> dict[str, str]:
+  """This environment with tcmalloc preloaded (if installed), as vdm.main
+  runs."""
+  sys.path.insert(0, REPO)
+  from vdm import parallel  # pylint: disable=g-import-not-at-top
+  return parallel.tcmalloc_environment()
+
+
 def run_official(preset: str, batch_size: int, steps: int, warmup: int,
                  seed: int, our_xla_options: bool = False) -> dict | None:
   if not os.path.exists(PEER_PYTHON):
@@ -154,6 +165,7 @@ def run_official(preset: str, batch_size: int, steps: int, warmup: int,
          "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed)]
   env = dict(os.environ)
   if our_xla_options:
+    env = _tcmalloc_environment()
     env["XLA_FLAGS"] = _official_xla_flags()
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                         env=env)
@@ -163,6 +175,7 @@ def run_official(preset: str, batch_size: int, steps: int, warmup: int,
   line = [l for l in proc.stdout.splitlines() if l.startswith("{")][-1]
   record = json.loads(line)
   record["impl"] = "official+opts" if our_xla_options else "official"
+  record["tcmalloc"] = "tcmalloc" in env.get("LD_PRELOAD", "")
   return record
 
 
@@ -179,8 +192,10 @@ def main():
   parser.add_argument("--official_with_our_xla_options", action="store_true",
                       help="also time the official step compiled with this "
                       "library's XLA:CPU options (vdm.parallel."
-                      "CPU_COMPILER_OPTIONS, as XLA_FLAGS): how much of the "
-                      "speed-up is the options and how much the code")
+                      "CPU_COMPILER_OPTIONS, as XLA_FLAGS) and allocator "
+                      "(tcmalloc, as LD_PRELOAD, when installed): how much "
+                      "of the speed-up is the runtime and how much the "
+                      "code")
   parser.add_argument("--_child", action="store_true",
                       help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -197,7 +212,8 @@ def main():
            "--preset", args.preset, "--batch_size", str(args.batch_size),
            "--steps", str(steps), "--warmup", str(args.warmup),
            "--seed", str(args.seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                          env=_tcmalloc_environment())
     records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   if args.impl in ("official", "both"):
     record = run_official(args.preset, args.batch_size, steps, args.warmup,
@@ -217,11 +233,11 @@ def main():
         f"machine={platform.processor() or platform.machine()} "
         f"cpus={os.cpu_count()} commit={commit}")
   print(f"{'impl':<14}{'params':>12}{'compile_s':>11}{'step_s':>9}"
-        f"{'img/s':>9}{'peak_MB':>10}")
+        f"{'img/s':>9}{'peak_MB':>10}{'tcmalloc':>10}")
   for r in records:
     print(f"{r['impl']:<14}{r['param_count']:>12,}{r['compile_s']:>11.1f}"
           f"{r['step_s_median']:>9.3f}{r['images_per_s']:>9.2f}"
-          f"{r['peak_rss_mb']:>10.0f}")
+          f"{r['peak_rss_mb']:>10.0f}{'yes' if r['tcmalloc'] else 'no':>10}")
   if len(records) >= 2 and records[0]["impl"] == "vdm":
     ours = records[0]
     for theirs in records[1:]:

@@ -175,4 +175,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from vdm import parallel  # pylint: disable=g-import-not-at-top
+  parallel.reexec_with_tcmalloc()   # profile the step as vdm.main runs it
   main()

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 from typing import Any
 
 import jax
@@ -239,6 +241,55 @@ def test_cpu_compiler_options_move_convolutions_and_keep_the_numbers(
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
   monkeypatch.setenv("VDM_XLA_CPU_DEFAULTS", "0")
   assert parallel.compiler_options() is None
+
+
+_ALLOCATOR_PROBE = """
+import resource
+from vdm import parallel
+parallel.reexec_with_tcmalloc()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: x + 1.0)
+x = jnp.zeros((8, 1024, 1024), jnp.float32)          # 32 MB per output
+for _ in range(15):
+  y = f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+  y = f(x).block_until_ready()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(parallel.tcmalloc_loaded(), faults, float(y[0, 0, 0]))
+"""
+
+
+@pytest.mark.skipif(parallel.find_tcmalloc() is None,
+                    reason="tcmalloc not installed")
+def test_reexec_with_tcmalloc_reuses_xla_buffers():
+  # With glibc's malloc each 32 MB output is a fresh mmap, faulted in page
+  # by page (8192 4-KiB pages per call); the process restarted with tcmalloc
+  # reuses the freed pages. VDM_TCMALLOC=0 keeps glibc.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_PRELOAD", "VDM_TCMALLOC", "VDM_TCMALLOC_TRIED")}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             PYTHONPATH=multiprocess_util.REPO_ROOT)
+  def probe(**extra):
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE],
+                         env={**env, **extra}, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    return out[0], int(out[1]), float(out[2])
+  loaded, faults, value = probe()
+  assert (loaded, value) == ("True", 1.0) and faults < 8192
+  loaded, faults, value = probe(VDM_TCMALLOC="0")
+  assert (loaded, value) == ("False", 1.0) and faults >= 10 * 8192
+
+
+def test_tcmalloc_environment(monkeypatch):
+  monkeypatch.setattr(parallel, "find_tcmalloc", lambda: "libtcm.so.4")
+  env = parallel.tcmalloc_environment({"LD_PRELOAD": "libother.so", "A": "1"})
+  assert env == {"LD_PRELOAD": "libtcm.so.4 libother.so", "A": "1"}
+  assert parallel.tcmalloc_environment(env) == env      # not twice
+  off = {"VDM_TCMALLOC": "0"}
+  assert parallel.tcmalloc_environment(off) == off
+  monkeypatch.setattr(parallel, "find_tcmalloc", lambda: None)
+  assert parallel.tcmalloc_environment({}) == {}
 
 
 @pytest.mark.parametrize("env, kwargs, match", [

@@ -30,11 +30,16 @@ Example (single or multi process, the same code):
   batch = parallel.shard_batch(mesh, local_numpy_batch)
 """
 
+import ctypes
+import ctypes.util
 import functools
 import glob
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
+import pkgutil
+import sys
 from typing import Any, Optional
 
 from absl import logging
@@ -188,6 +193,104 @@ def _supported_cpu_options() -> Optional[dict[str, Any]]:
                     str(e).splitlines()[0][:200])
     return None
   return options
+
+
+# XLA:CPU mallocs each call's temporaries (1.35 GB in one block for the paper
+# U-Net's train step at cifar10 batch 4) and outputs on its worker threads.
+# glibc gives each thread its own arena, which holds at most 64 MB and passes
+# larger blocks to mmap: every call maps fresh pages, takes a zero-filling page
+# fault on each and unmaps them again (330k page faults and 0.5 s of system
+# time per cifar10 step). tcmalloc keeps freed pages for reuse and has fast
+# per-thread caches for XLA's many small allocations. Train step, same process
+# kind, 2 AMD EPYC cores: cifar10 B4 2.24 -> 1.86 s, tiny B16 0.170 -> 0.138
+# s, the mnist5k demo 0.220 -> 0.179 s, peak RSS within 4%. (glibc's own
+# knobs, mallopt arena_max / mmap_max, help one workload and slow another.)
+TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
+ENV_TCMALLOC = "VDM_TCMALLOC"                 # '0': never preload tcmalloc
+_TCMALLOC_TRIED = "VDM_TCMALLOC_TRIED"        # set by the re-exec (no loop)
+
+
+def find_tcmalloc() -> Optional[str]:
+  """The installed tcmalloc's library name (for LD_PRELOAD), or None.
+
+  Debian/Ubuntu: `apt install libtcmalloc-minimal4`; conda: gperftools.
+  """
+  for name in TCMALLOC_LIBRARIES:
+    found = ctypes.util.find_library(name)
+    if found:
+      return found
+  return None
+
+
+def tcmalloc_loaded() -> bool:
+  """Whether this process runs with tcmalloc (e.g. via LD_PRELOAD)."""
+  try:
+    with open("/proc/self/maps") as f:
+      return "libtcmalloc" in f.read()
+  except OSError:
+    return False
+
+
+def tcmalloc_environment(env: Optional[dict[str, str]] = None
+                         ) -> dict[str, str]:
+  """`env` (default os.environ) with tcmalloc added to LD_PRELOAD, for a
+  child process that computes on the CPU; unchanged when tcmalloc is not
+  installed or VDM_TCMALLOC=0."""
+  env = dict(os.environ if env is None else env)
+  library = find_tcmalloc()
+  if library is None or env.get(ENV_TCMALLOC) == "0":
+    return env
+  preload = env.get("LD_PRELOAD", "")
+  if library not in preload.split() and "libtcmalloc" not in preload:
+    env["LD_PRELOAD"] = " ".join(p for p in (library, preload) if p)
+  return env
+
+
+def reexec_with_tcmalloc() -> None:
+  """Restarts this process (same pid, argv, environment) with tcmalloc
+  preloaded, when that helps and is possible; else returns.
+
+  For the entry points (`python -m vdm.main`, the benchmarks), as the first
+  statement, before JAX starts (see `TCMALLOC_LIBRARIES` for the gain).
+  Returns without restarting when tcmalloc is already loaded or not
+  installed (then it logs how to install it), when JAX may run on a GPU/TPU
+  (host allocations matter little there), when VDM_TCMALLOC=0, or after one
+  attempt.
+  """
+  if (tcmalloc_loaded() or os.environ.get(ENV_TCMALLOC) == "0"
+      or os.environ.get(_TCMALLOC_TRIED) or sys.platform != "linux"
+      or not _cpu_backend_expected()):
+    return
+  env = tcmalloc_environment()
+  if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+    logging.warning(
+        "tcmalloc not found: CPU training runs ~1.2x faster with it "
+        "(Debian/Ubuntu: apt install libtcmalloc-minimal4; set %s=0 to "
+        "silence this).", ENV_TCMALLOC)
+    return
+  env[_TCMALLOC_TRIED] = "1"
+  argv = getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable] + list(argv[1:]), env)
+
+
+def _cpu_backend_expected() -> bool:
+  """Whether JAX will compute on the CPU, decided without starting it."""
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return False
+  try:
+    import jax_plugins  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    pass
+  else:
+    if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
+      return False
+  return all(importlib.util.find_spec(name) is None
+             for name in ("libtpu", "libtpu_nightly"))
 
 
 def is_main_process() -> bool:
