@@ -41,7 +41,7 @@ bench: $(VENV)/.installed
 	$(PY) experiments/benchmark_train.py --preset tiny --batch_size 16
 
 # Optional, Debian/Ubuntu (needs root): tcmalloc, which vdm.main and the
-# benchmarks preload on CPU (~1.2x faster train steps; see README).
+# benchmarks preload on CPU (up to ~1.2x faster train steps; README).
 tcmalloc:
 	apt-get install -y libtcmalloc-minimal4
 

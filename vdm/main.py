@@ -125,7 +125,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  parallel.reexec_with_tcmalloc()   # on CPU, if installed: ~1.2x faster steps
+  parallel.reexec_with_tcmalloc()   # on CPU, if installed: up to ~1.2x faster
   flags.mark_flags_as_required(["config", "workdir"])
   jax.config.config_with_absl()
   app.run(main)

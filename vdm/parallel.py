@@ -201,10 +201,12 @@ def _supported_cpu_options() -> Optional[dict[str, Any]]:
 # larger blocks to mmap: every call maps fresh pages, takes a zero-filling page
 # fault on each and unmaps them again (330k page faults and 0.5 s of system
 # time per cifar10 step). tcmalloc keeps freed pages for reuse and has fast
-# per-thread caches for XLA's many small allocations. Train step, same process
-# kind, 2 AMD EPYC cores: cifar10 B4 2.24 -> 1.86 s, tiny B16 0.170 -> 0.138
-# s, the mnist5k demo 0.220 -> 0.179 s, peak RSS within 4%. (glibc's own
-# knobs, mallopt arena_max / mmap_max, help one workload and slow another.)
+# per-thread caches for XLA's many small allocations. Paper U-Net train step
+# on 2 AMD EPYC cores: cifar10 B4 2.24 -> 1.85-2.16 s, tiny B16 0.170 ->
+# 0.136-0.180 s (the figure varies from process to process, steady within
+# one), the mnist5k demo's step 0.220 -> 0.179 s; cifar10 peak RSS 2.9 GB
+# vs 3.3 (one process of eight: 4.6). glibc's own knobs (mallopt arena_max /
+# mmap_max) helped one workload and slowed another: README.
 TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
 ENV_TCMALLOC = "VDM_TCMALLOC"                 # '0': never preload tcmalloc
 _TCMALLOC_TRIED = "VDM_TCMALLOC_TRIED"        # set by the re-exec (no loop)
@@ -264,7 +266,7 @@ def reexec_with_tcmalloc() -> None:
   env = tcmalloc_environment()
   if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
     logging.warning(
-        "tcmalloc not found: CPU training runs ~1.2x faster with it "
+        "tcmalloc not found: CPU train steps run up to ~1.2x faster with it "
         "(Debian/Ubuntu: apt install libtcmalloc-minimal4; set %s=0 to "
         "silence this).", ENV_TCMALLOC)
     return
