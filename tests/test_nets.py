@@ -16,7 +16,6 @@ import pytest
 
 from vdm import nets
 from vdm.nets import layers
-from vdm.nets import parameterization as param
 
 # Tiny configurations, one per net (widths divisible by num_groups=4).
 TINY = {
@@ -544,64 +543,6 @@ def test_query_chunk_size_divides_and_bad_inputs_raise():
     layers.spatial_attention(q, q[..., :1], q)
 
 
-# ------------------------------------------------------- parameterisation
-GAMMAS = np.linspace(-10.0, 10.0, 11)
-
-
-def _data(seed=0):
-  """float64 x, eps, z_t, v per gamma in GAMMAS: [11, 5]."""
-  rs = np.random.RandomState(seed)
-  x = rs.uniform(-1, 1, (11, 5))
-  eps = rs.normal(size=(11, 5))
-  alpha = np.sqrt(1 / (1 + np.exp(GAMMAS)))[:, None]
-  sigma = np.sqrt(1 / (1 + np.exp(-GAMMAS)))[:, None]
-  return x, eps, alpha * x + sigma * eps, alpha * eps - sigma * x
-
-
-def _tol(amplification):
-  # float32 inputs (rel. 6e-8) amplified by alpha/sigma or sigma/alpha.
-  return np.broadcast_to(4e-7 * (1 + amplification)[:, None], (11, 5))
-
-
-def test_to_eps_and_to_x_match_float64_closed_forms():
-  x, eps, z, v = _data()
-  ratio = np.exp(np.abs(GAMMAS) / 2)            # worst of alpha/sigma, inverse
-  for name, pred in [("eps", eps), ("x", x), ("v", v)]:
-    eps_hat = param.to_eps(pred.astype(np.float32), z.astype(np.float32),
-                           GAMMAS, parameterization=name)
-    assert eps_hat.dtype == jnp.float32
-    np.testing.assert_array_less(np.abs(eps_hat - eps), 4 * _tol(ratio))
-    x_hat = param.to_x(pred.astype(np.float32), z.astype(np.float32), GAMMAS,
-                       parameterization=name)
-    np.testing.assert_array_less(np.abs(x_hat - x), 4 * _tol(ratio))
-    target = param.from_eps(eps.astype(np.float32), z.astype(np.float32),
-                            GAMMAS, parameterization=name)
-    np.testing.assert_array_less(np.abs(target - pred), 4 * _tol(ratio))
-
-
-@pytest.mark.parametrize("forward,backward", [
-    (param.eps_to_x, param.x_to_eps), (param.x_to_eps, param.eps_to_x),
-    (param.eps_to_v, param.v_to_eps), (param.v_to_eps, param.eps_to_v),
-    (param.x_to_v, param.v_to_x), (param.v_to_x, param.x_to_v),
-])
-def test_round_trips(forward, backward):
-  x, eps, z, v = _data(1)
-  start = {"eps_to_x": eps, "x_to_eps": x, "eps_to_v": eps, "v_to_eps": v,
-           "x_to_v": x, "v_to_x": v}[forward.__name__]
-  z32, start32 = z.astype(np.float32), start.astype(np.float32)
-  back = backward(forward(start32, z32, GAMMAS), z32, GAMMAS)
-  ratio = np.exp(np.abs(GAMMAS) / 2)
-  np.testing.assert_array_less(np.abs(back - start32), 8 * _tol(ratio))
-
-
-def test_alpha_sigma_stable_in_tails():
-  alpha, sigma = param.alpha_sigma(jnp.array([-80.0, 0.0, 80.0]))
-  np.testing.assert_allclose(alpha, [1.0, np.sqrt(0.5), np.exp(-40.0)],
-                             rtol=1e-6)
-  np.testing.assert_allclose(sigma, [np.exp(-40.0), np.sqrt(0.5), 1.0],
-                             rtol=1e-6)
-
-
 # ----------------------------------------------------------------- errors
 def _init(net, shape):
   # Errors are raised while tracing: eval_shape compiles nothing.
@@ -655,14 +596,6 @@ def test_dtype_by_name():
 def test_unknown_net_field():
   with pytest.raises(TypeError, match="hiden"):
     nets.get("mlp", hiden=3)
-
-
-def test_unknown_parameterization():
-  with pytest.raises(ValueError, match=r"unknown parameterization 'score'; "
-                     r"known: eps, x, v"):
-    param.to_eps(jnp.zeros(2), jnp.zeros(2), 0.0, parameterization="score")
-  with pytest.raises(ValueError, match=r"prediction has shape \(3,\)"):
-    param.to_eps(jnp.zeros(3), jnp.zeros(2), 0.0, parameterization="v")
 
 
 def test_call_errors():

@@ -517,7 +517,7 @@ ERRORS = [
     ("num_steps_negative", lambda: _ddim(num_steps=-3), ValueError,
      r"got -3"),
     ("num_steps_float", lambda: _ancestral(num_steps=2.5), TypeError,
-     r"num_steps must be a Python int; got 2.5"),
+     r"num_steps must be an int; got 2.5"),
     ("num_steps_ddim_from", lambda: sampling.ddim_from(
         jnp.zeros((2, 3)), EPS_3, gamma_fn, num_steps=0), ValueError,
      r"got 0"),
@@ -541,7 +541,8 @@ ERRORS = [
     ("sampler", lambda: _progressive(num_frames=2, sampler="euler"),
      ValueError, r"unknown sampler 'euler'; known: ancestral, ddim"),
     ("num_frames_zero", lambda: _progressive(num_frames=0), ValueError,
-     r"num_frames must be an int in \[1, num_steps \+ 1\] = \[1, 5\]; got 0"),
+     r"num_frames must be in \[1, 5\]; got 0\. .*"
+     r"at most num_steps \+ 1"),
     ("num_frames_big", lambda: _progressive(num_frames=6), ValueError,
      r"got 6"),
     ("ddim_from_direction", lambda: sampling.ddim_from(
@@ -556,7 +557,15 @@ ERRORS = [
     ("fixed_point_iters", lambda: sampling.ddim_invert(
         jnp.zeros((2, 3)), EPS_3, gamma_fn, num_steps=2,
         num_fixed_point_iters=-1), ValueError,
-     r"num_fixed_point_iters must be an int >= 0; got -1"),
+     r"num_fixed_point_iters must be >= 0; got -1"),
+    ("num_steps_bool", lambda: _ddim(num_steps=True), TypeError,
+     r"num_steps must be an int; got True"),
+    ("num_frames_float", lambda: _progressive(num_frames=2.0), TypeError,
+     r"num_frames must be an int; got 2\.0"),
+    ("fixed_point_iters_float", lambda: sampling.ddim_invert(
+        jnp.zeros((2, 3)), EPS_3, gamma_fn, num_steps=2,
+        num_fixed_point_iters=1.0), TypeError,
+     r"num_fixed_point_iters must be an int; got 1\.0"),
     ("guided_not_callable", lambda: sampling.guided(EPS_3, None, 1.0),
      TypeError, r"eps_uncond must be a function"),
     ("empty_shape", lambda: sampling.ancestral(

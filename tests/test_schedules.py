@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vdm import adaptive
 from vdm import schedules
 
 T_GRID = np.linspace(0.0, 1.0, 2001, dtype=np.float32)
@@ -495,8 +496,15 @@ def test_adaptive_update_many_bins_matches_numpy():
   assert count[-1] == 2 and count[0] > 1   # lam_max and lam_min are kept
 
 
+def test_adaptive_schedule_names_are_vdm_adaptive_functions():
+  assert (schedules.adaptive_init, schedules.adaptive_update,
+          schedules.adaptive_density, schedules.adaptive_gamma) == (
+              adaptive.init, adaptive.update, adaptive.density, adaptive.gamma)
+
+
 @pytest.mark.parametrize("call, error, match", [
-    (lambda: schedules.adaptive_init(num_bins=0), ValueError, r"num_bins=0"),
+    (lambda: schedules.adaptive_init(num_bins=0), ValueError,
+     r"num_bins must be >= 1; got 0"),
     (lambda: schedules.adaptive_init(num_bins=2.5), TypeError, r"got 2.5"),
     (lambda: schedules.adaptive_init(lam_min=1.0, lam_max=-1.0), ValueError,
      r"lam_min=1.0 must be < lam_max=-1.0"),

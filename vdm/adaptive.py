@@ -8,17 +8,21 @@ example's loss by `p(lam)` (importance sampling), which keeps the objective and
 lowers the variance of its estimate.
 
 Pure functions on an `AdaptiveState` (a NamedTuple, so it lives in the train
-state and is checkpointed like any pytree). `adaptive_gamma(state, t)` is a
-`gamma_fn`: with `t ~ U(0, 1)`, `lam = -gamma(t)` has density
-`adaptive_density(state, lam)` and `dgamma/dt = 1 / p(lam)` (from `jax.jvp`),
-so `elbo.diffusion_loss` with it is the importance-sampled estimator with no
-extra code. Re-exported by `vdm.schedules`; import it from there.
+state and is checkpointed like any pytree): `init`, `update`, `density` and
+`gamma`. `gamma(state, t)` is a `gamma_fn`: with `t ~ U(0, 1)`,
+`lam = -gamma(state, t)` has density `density(state, lam)` and
+`dgamma/dt = 1 / p(lam)` (from `jax.jvp`), so `elbo.diffusion_loss` with it is
+the importance-sampled estimator with no extra code. `vdm.schedules`
+re-exports them as `adaptive_init`, `adaptive_update`, `adaptive_density` and
+`adaptive_gamma`, beside the other schedules.
 """
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vdm import process
 
 # A bin's weight is floored at this fraction of the largest one so the inverse
 # CDF never divides by a zero-mass bin (a bin with zero loss would otherwise
@@ -33,20 +37,8 @@ class AdaptiveState(NamedTuple):
   count: jax.Array     # [K] int32 examples seen in each bin
 
 
-def _is_concrete(*values) -> bool:
-  return not any(isinstance(v, jax.core.Tracer) for v in values)
-
-
-def _check_logsnr_range(lam_min, lam_max) -> None:
-  """Raises ValueError unless lam_min < lam_max (skipped for traced values)."""
-  if _is_concrete(lam_min, lam_max) and not float(lam_min) < float(lam_max):
-    raise ValueError(
-        f"lam_min={float(lam_min)!r} must be < lam_max={float(lam_max)!r}; "
-        "pass a log-SNR range with lam_min below lam_max (e.g. -15.0, 15.0).")
-
-
-def adaptive_init(*, num_bins: int = 100, lam_min: float = -15.0,
-                  lam_max: float = 15.0) -> AdaptiveState:
+def init(*, num_bins: int = 100, lam_min: float = -15.0,
+         lam_max: float = 15.0) -> AdaptiveState:
   """A uniform density on [lam_min, lam_max] split into `num_bins` bins.
 
   Args:
@@ -55,13 +47,11 @@ def adaptive_init(*, num_bins: int = 100, lam_min: float = -15.0,
     lam_max: upper end of the log-SNR support.
   Returns:
     The state: every `loss_ema` is 1 (a placeholder: the first batch that
-    reaches a bin replaces it, see `adaptive_update`) and every count 0.
+    reaches a bin replaces it, see `update`) and every count 0.
   """
-  if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)):
-    raise TypeError(f"num_bins must be an int; got {num_bins!r}.")
-  if num_bins < 1:
-    raise ValueError(f"num_bins={num_bins!r} must be >= 1; use e.g. 100 bins.")
-  _check_logsnr_range(lam_min, lam_max)
+  num_bins = process.check_int("num_bins", num_bins, minimum=1,
+                               hint="Use e.g. 100 bins.")
+  process.check_logsnr_range(lam_min, lam_max)
   edges = np.linspace(float(lam_min), float(lam_max), num_bins + 1)
   return AdaptiveState(
       edges=jnp.asarray(edges, jnp.float32),
@@ -80,9 +70,8 @@ def _inside(edges: jax.Array, logsnr: jax.Array) -> jax.Array:
   return (logsnr >= edges[0]) & (logsnr <= edges[-1])
 
 
-def adaptive_update(state: AdaptiveState, logsnr: jax.typing.ArrayLike,
-                    loss: jax.typing.ArrayLike, *,
-                    decay: float = 0.99) -> AdaptiveState:
+def update(state: AdaptiveState, logsnr: jax.typing.ArrayLike,
+           loss: jax.typing.ArrayLike, *, decay: float = 0.99) -> AdaptiveState:
   """Folds one batch of losses into the per-bin EMA; jit-friendly.
 
   For each bin k that received n_k > 0 examples of this batch, with batch mean
@@ -110,7 +99,7 @@ def adaptive_update(state: AdaptiveState, logsnr: jax.typing.ArrayLike,
   if logsnr.shape != loss.shape or logsnr.ndim != 1:
     raise ValueError(f"logsnr and loss must both have shape [B]; got "
                      f"{logsnr.shape} and {loss.shape}. Flatten them first.")
-  if _is_concrete(decay) and not 0.0 <= float(decay) < 1.0:
+  if process.is_concrete(decay) and not 0.0 <= float(decay) < 1.0:
     raise ValueError(f"decay={decay!r} must be in [0, 1); e.g. 0.99.")
   num_bins = state.loss_ema.shape[0]
   valid = _inside(state.edges, logsnr) & jnp.isfinite(loss)
@@ -140,8 +129,7 @@ def _bin_masses(state: AdaptiveState):
   return widths, masses / jnp.sum(masses)
 
 
-def adaptive_density(state: AdaptiveState,
-                     logsnr: jax.typing.ArrayLike) -> jax.Array:
+def density(state: AdaptiveState, logsnr: jax.typing.ArrayLike) -> jax.Array:
   """p(lam): piecewise constant, proportional to `loss_ema`, integrates to 1.
 
   Bins whose EMA is below 1e-6 of the largest are raised to that floor.
@@ -155,12 +143,12 @@ def adaptive_density(state: AdaptiveState,
   logsnr = jnp.asarray(logsnr, jnp.float32)
   widths, masses = _bin_masses(state)
   edges = jax.lax.stop_gradient(state.edges)
-  density = (masses / widths)[_bin_index(edges, logsnr)]
-  return jnp.where(_inside(edges, logsnr), density, 0.0)
+  p = (masses / widths)[_bin_index(edges, logsnr)]
+  return jnp.where(_inside(edges, logsnr), p, 0.0)
 
 
-def adaptive_gamma(state: AdaptiveState, t: jax.typing.ArrayLike) -> jax.Array:
-  """gamma(t): the piecewise-linear inverse CDF of `adaptive_density`.
+def gamma(state: AdaptiveState, t: jax.typing.ArrayLike) -> jax.Array:
+  """gamma(t): the piecewise-linear inverse CDF of `density`.
 
   Oriented so gamma increases with t: t = 0 gives gamma = -lam_max (exactly),
   t = 1 gives gamma = -lam_min; t is the probability that the log-SNR exceeds

@@ -22,19 +22,19 @@ References:
 """
 import functools
 import math
-import numbers
 from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
 
+from vdm import process
 from vdm import weighting as weighting_lib
 
-# eps_fn(z_t [B, ...], gamma_t [B]) -> eps_hat [B, ...].
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
-# gamma_fn(t [B]) -> gamma_t [B]; elementwise and increasing in t.
-GammaFn = Callable[[jax.Array], jax.Array]
 WeightingArg = Union[None, str, Callable[[jax.Array], jax.Array]]
+
+# The forward process lives in `vdm.process`; `elbo.diffuse` is its name in
+# DESIGN's API.
+diffuse = process.diffuse
 
 
 # ----------------------------------------------------------------------------
@@ -42,40 +42,17 @@ WeightingArg = Union[None, str, Callable[[jax.Array], jax.Array]]
 
 
 def _check_vocab_size(vocab_size) -> None:
-  if (isinstance(vocab_size, bool) or not isinstance(vocab_size,
-                                                     numbers.Integral)
-      or vocab_size < 2):
-    raise ValueError(
-        f"vocab_size must be a Python int >= 2; got {vocab_size!r}. Pass the "
-        "number of values a data element can take (256 for uint8 images).")
+  process.check_int(
+      "vocab_size", vocab_size, minimum=2,
+      hint="Pass the number of values a data element can take (256 for "
+      "uint8 images).")
 
 
 def _check_num_steps(num_steps) -> None:
-  if (isinstance(num_steps, bool)
-      or not isinstance(num_steps, numbers.Integral) or num_steps < 0):
-    raise ValueError(
-        f"num_steps must be a Python int >= 0; got {num_steps!r}. Use 0 for "
-        "the continuous-time loss or T > 0 for the discrete T-step loss.")
-
-
-def _check_same_shape(name_a, a, name_b, b) -> None:
-  if a.shape != b.shape:
-    raise ValueError(
-        f"{name_a} has shape {a.shape} but {name_b} has shape {b.shape}; "
-        "they must be equal (draw eps with jax.random.normal(key, f.shape)).")
-
-
-def _check_per_example(name, value, f) -> None:
-  """`value` must be [] or [B] with B = f.shape[0]."""
-  if f.ndim < 1:
-    raise ValueError(f"f must have a leading batch axis [B, ...]; got shape "
-                     f"{f.shape}.")
-  if value.ndim == 0:
-    return
-  if value.shape != (f.shape[0],):
-    raise ValueError(
-        f"{name} must have shape [B] = ({f.shape[0]},) to match f of shape "
-        f"{f.shape}; got shape {value.shape}. Give one value per example.")
+  process.check_int(
+      "num_steps", num_steps, minimum=0,
+      hint="Use 0 for the continuous-time loss or T > 0 for the discrete "
+      "T-step loss.")
 
 
 def _check_gamma_shape(gamma_t, t) -> None:
@@ -84,13 +61,6 @@ def _check_gamma_shape(gamma_t, t) -> None:
     raise ValueError(
         f"gamma_fn(t) must return one gamma per time, shape {t.shape}; got "
         f"shape {shape}. Make gamma_fn elementwise.")
-
-
-def _per_example(value: jax.Array, ndim: int) -> jax.Array:
-  """[] or [B] -> broadcastable against [B, ...] of rank `ndim`."""
-  if value.ndim == 0:
-    return value
-  return value.reshape(value.shape + (1,) * (ndim - 1))
 
 
 def _resolve_weighting(weighting: WeightingArg):
@@ -157,8 +127,8 @@ def decode_logits(z_0: jax.typing.ArrayLike, gamma_0: jax.typing.ArrayLike,
   z_0 = jnp.asarray(z_0, jnp.float32)
   gamma_0 = jnp.asarray(gamma_0, jnp.float32)
   if gamma_0.ndim:
-    _check_per_example("gamma_0", gamma_0, z_0)
-  gamma_0 = _per_example(gamma_0, z_0.ndim)
+    process.check_per_example("gamma_0", gamma_0, z_0, f_name="z_0")
+  gamma_0 = process.per_example(gamma_0, z_0.ndim)
   # 1 / alpha_0 = exp(-0.5 log sigmoid(-gamma_0)), safe for any gamma_0.
   z0_rescaled = z_0 * jnp.exp(-0.5 * jax.nn.log_sigmoid(-gamma_0))
   f_values = encode(jnp.arange(vocab_size), vocab_size)     # [V]
@@ -275,11 +245,11 @@ def reconstruction_loss(x: jax.typing.ArrayLike, z_0: jax.typing.ArrayLike,
   _check_vocab_size(vocab_size)
   x = jnp.asarray(x)
   z_0 = jnp.asarray(z_0, jnp.float32)
-  _check_same_shape("x", x, "z_0", z_0)
+  process.check_same_shape("x", x, "z_0", z_0)
   gamma_0 = jnp.asarray(gamma_0, jnp.float32)
   if gamma_0.ndim:
-    _check_per_example("gamma_0", gamma_0, z_0)
-  gamma_0 = _per_example(gamma_0, z_0.ndim)
+    process.check_per_example("gamma_0", gamma_0, z_0, f_name="z_0")
+  gamma_0 = process.per_example(gamma_0, z_0.ndim)
   # 1 / alpha_0 = exp(-0.5 log sigmoid(-gamma_0)), safe for any gamma_0.
   u = z_0 * jnp.exp(-0.5 * jax.nn.log_sigmoid(-gamma_0))
   s = jnp.exp(-gamma_0)                        # [] or [B, 1, ...]
@@ -309,8 +279,8 @@ def prior_loss(f: jax.typing.ArrayLike,
   """
   f = jnp.asarray(f, jnp.float32)
   gamma_1 = jnp.asarray(gamma_1, jnp.float32)
-  _check_per_example("gamma_1", gamma_1, f)
-  gamma_1 = _per_example(gamma_1, f.ndim)
+  process.check_per_example("gamma_1", gamma_1, f)
+  gamma_1 = process.per_example(gamma_1, f.ndim)
   var_alpha = jax.nn.sigmoid(-gamma_1)                      # alpha_1^2
   kl = 0.5 * (var_alpha * (jnp.square(f) - 1.0) + jax.nn.softplus(-gamma_1))
   return _sum_per_example(jnp.broadcast_to(kl, f.shape))
@@ -330,10 +300,8 @@ def nats_to_bpd(nats: jax.typing.ArrayLike, num_dims: int) -> jax.Array:
     >>> round(float(elbo.nats_to_bpd(math.log(2.0) * 6, 3)), 6)
     2.0
   """
-  if (isinstance(num_dims, bool) or not isinstance(num_dims, numbers.Integral)
-      or num_dims < 1):
-    raise ValueError(f"num_dims must be a Python int >= 1; got {num_dims!r}. "
-                     "Pass the number of elements of one example.")
+  process.check_int("num_dims", num_dims, minimum=1,
+                    hint="Pass the number of elements of one example.")
   return jnp.asarray(nats, jnp.float32) / (num_dims * math.log(2.0))
 
 
@@ -357,10 +325,7 @@ def sample_times(key: jax.Array, batch_size: int, *,
   Returns:
     [B] float32 t in [0, 1).
   """
-  if (isinstance(batch_size, bool)
-      or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
-    raise ValueError(f"batch_size must be a Python int >= 1; got "
-                     f"{batch_size!r}.")
+  batch_size = process.check_int("batch_size", batch_size, minimum=1)
   if not antithetic:
     return jax.random.uniform(key, (batch_size,))
   u = jax.random.uniform(key, ())
@@ -368,40 +333,9 @@ def sample_times(key: jax.Array, batch_size: int, *,
   return jnp.mod(u + offsets, 1.0)
 
 
-def diffuse(f: jax.typing.ArrayLike, gamma_t: jax.typing.ArrayLike,
-            eps: jax.typing.ArrayLike) -> jax.Array:
-  """Draws z_t ~ q(z_t | x): `z_t = alpha_t f + sigma_t eps`.
-
-  `alpha_t = sqrt(sigmoid(-gamma_t))`, `sigma_t = sqrt(sigmoid(gamma_t))`;
-  Kingma et al. 2021, section "Forward time diffusion process".
-
-  Args:
-    f: [B, ...] data in (-1, 1).
-    gamma_t: [] or [B] gamma at t, broadcast over the trailing dims of f.
-    eps: [B, ...] standard normal noise, the shape of f.
-  Returns:
-    [B, ...] z_t.
-
-  Example:
-    >>> from vdm import elbo
-    >>> z = elbo.diffuse(jnp.ones((1, 2)), jnp.zeros(1), jnp.zeros((1, 2)))
-    >>> round(float(z[0, 0]) ** 2, 6)   # alpha^2 = sigmoid(0)
-    0.5
-  """
-  f = jnp.asarray(f, jnp.float32)
-  eps = jnp.asarray(eps, jnp.float32)
-  gamma_t = jnp.asarray(gamma_t, jnp.float32)
-  _check_same_shape("eps", eps, "f", f)
-  _check_per_example("gamma_t", gamma_t, f)
-  gamma_t = _per_example(gamma_t, f.ndim)
-  alpha_t = jnp.exp(0.5 * jax.nn.log_sigmoid(-gamma_t))
-  sigma_t = jnp.exp(0.5 * jax.nn.log_sigmoid(gamma_t))
-  return alpha_t * f + sigma_t * eps
-
-
-def _eps_sq_error(eps_fn: EpsFn, f, gamma_t, eps) -> jax.Array:
+def _eps_sq_error(eps_fn: process.EpsFn, f, gamma_t, eps) -> jax.Array:
   """||eps - eps_fn(z_t, gamma_t)||^2 per example, [B]."""
-  z_t = diffuse(f, gamma_t, eps)
+  z_t = process.diffuse(f, gamma_t, eps)
   gamma_b = jnp.broadcast_to(jnp.asarray(gamma_t, jnp.float32), (f.shape[0],))
   eps_hat = eps_fn(z_t, gamma_b)
   if not hasattr(eps_hat, "shape") or eps_hat.shape != z_t.shape:
@@ -417,7 +351,7 @@ def _eps_sq_error(eps_fn: EpsFn, f, gamma_t, eps) -> jax.Array:
 # The diffusion loss.
 
 
-def continuous_diffusion_loss(eps_fn: EpsFn, f: jax.typing.ArrayLike,
+def continuous_diffusion_loss(eps_fn: process.EpsFn, f: jax.typing.ArrayLike,
                               gamma_t: jax.typing.ArrayLike,
                               dgamma_dt: jax.typing.ArrayLike,
                               eps: jax.typing.ArrayLike, *,
@@ -444,7 +378,7 @@ def continuous_diffusion_loss(eps_fn: EpsFn, f: jax.typing.ArrayLike,
   f = jnp.asarray(f, jnp.float32)
   gamma_t = jnp.asarray(gamma_t, jnp.float32)
   dgamma_dt = jnp.asarray(dgamma_dt, jnp.float32)
-  _check_per_example("dgamma_dt", dgamma_dt, f)
+  process.check_per_example("dgamma_dt", dgamma_dt, f)
   w = _resolve_weighting(weighting)
   sq_err = _eps_sq_error(eps_fn, f, gamma_t, eps)           # [B]
   scale = dgamma_dt
@@ -453,7 +387,7 @@ def continuous_diffusion_loss(eps_fn: EpsFn, f: jax.typing.ArrayLike,
   return 0.5 * scale * sq_err
 
 
-def discrete_diffusion_loss(eps_fn: EpsFn, f: jax.typing.ArrayLike,
+def discrete_diffusion_loss(eps_fn: process.EpsFn, f: jax.typing.ArrayLike,
                             gamma_t: jax.typing.ArrayLike,
                             gamma_s: jax.typing.ArrayLike,
                             eps: jax.typing.ArrayLike, *,
@@ -482,12 +416,13 @@ def discrete_diffusion_loss(eps_fn: EpsFn, f: jax.typing.ArrayLike,
   f = jnp.asarray(f, jnp.float32)
   gamma_t = jnp.asarray(gamma_t, jnp.float32)
   gamma_s = jnp.asarray(gamma_s, jnp.float32)
-  _check_per_example("gamma_s", gamma_s, f)
+  process.check_per_example("gamma_s", gamma_s, f)
   sq_err = _eps_sq_error(eps_fn, f, gamma_t, eps)           # [B]
   return 0.5 * num_steps * jnp.expm1(gamma_t - gamma_s) * sq_err
 
 
-def diffusion_loss(eps_fn: EpsFn, gamma_fn: GammaFn, f: jax.typing.ArrayLike,
+def diffusion_loss(eps_fn: process.EpsFn, gamma_fn: process.GammaFn,
+                   f: jax.typing.ArrayLike,
                    t: jax.typing.ArrayLike, eps: jax.typing.ArrayLike, *,
                    num_steps: int = 0,
                    weighting: WeightingArg = None) -> jax.Array:
@@ -528,7 +463,7 @@ def diffusion_loss(eps_fn: EpsFn, gamma_fn: GammaFn, f: jax.typing.ArrayLike,
   f = jnp.asarray(f, jnp.float32)
   t = jnp.asarray(t, jnp.float32)
   eps = jnp.asarray(eps, jnp.float32)
-  _check_same_shape("eps", eps, "f", f)
+  process.check_same_shape("eps", eps, "f", f)
   if f.ndim < 1 or t.shape != (f.shape[0],):
     raise ValueError(
         f"t must have shape [B] = ({f.shape[0] if f.ndim else '?'},) to match "

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 
 from vdm import elbo
 from vdm import nets
+from vdm import process
 from vdm import schedules
 from vdm import weighting as weighting_lib
-from vdm.nets import parameterization
 
 Params = Mapping[str, Any]
 GammaFn = Callable[[jax.Array], jax.Array]
@@ -109,10 +109,10 @@ class Model:
       raise ValueError(
           f"num_steps must be an int >= 0 (0 = continuous time); got "
           f"{self.num_steps!r}.")
-    if self.parameterization not in parameterization.PARAMETERIZATIONS:
+    if self.parameterization not in process.PARAMETERIZATIONS:
       raise ValueError(
           f"unknown parameterization {self.parameterization!r}; known: "
-          f"{', '.join(parameterization.PARAMETERIZATIONS)}.")
+          f"{', '.join(process.PARAMETERIZATIONS)}.")
     weighting_lib.get(self.weighting, **dict(self.weighting_kwargs))
     if self.num_steps > 0 and (self.weighting != "elbo"
                                or self.noise_schedule != "model"):
@@ -208,7 +208,7 @@ class Model:
       gamma_t = jnp.broadcast_to(gamma_t, z_t.shape[:1])
       out = self.net.apply(variables, z_t, gamma_t, labels, train=train,
                            rngs=rngs)
-      return parameterization.to_eps(
+      return process.to_eps(
           out, z_t, gamma_t, parameterization=self.parameterization)
 
     return eps_fn

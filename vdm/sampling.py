@@ -25,16 +25,14 @@ References:
     arXiv:2006.11239 (DDPM).
 """
 import numbers
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vdm import elbo
-
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z_t, gamma_t [B]) -> eps
-GammaFn = Callable[[jax.Array], jax.Array]  # t [B] -> gamma_t [B]
+from vdm import process
 
 SAMPLERS = ("ancestral", "ddim")
 DECODE_MODES = ("argmax", "sample")
@@ -45,14 +43,10 @@ DECODE_MODES = ("argmax", "sample")
 
 
 def _check_num_steps(num_steps) -> None:
-  if isinstance(num_steps, bool) or not isinstance(
-      num_steps, (int, np.integer)):
-    raise TypeError(f"num_steps must be a Python int; got {num_steps!r} "
-                    f"({type(num_steps).__name__}). Pass it as a static "
-                    "argument under jax.jit.")
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1; got {num_steps}. Use e.g. "
-                     "num_steps=1000 for ancestral sampling.")
+  process.check_int(
+      "num_steps", num_steps, minimum=1,
+      hint="Pass it as a static argument under jax.jit, e.g. num_steps=1000 "
+      "for ancestral sampling.")
 
 
 def _check_shape(shape) -> tuple:
@@ -81,24 +75,15 @@ def _check_times(t_start, t_end) -> None:
 # Building blocks.
 
 
-def _expand(v: jax.Array, ndim: int) -> jax.Array:
-  """[B] -> [B, 1, ..., 1] with `ndim` dims in all (broadcasts against z)."""
-  return v.reshape(v.shape + (1,) * (ndim - 1))
-
-
-def _gamma_at(gamma_fn: GammaFn, t: jax.Array, batch_size: int) -> jax.Array:
+def _gamma_at(gamma_fn: process.GammaFn, t: jax.Array,
+              batch_size: int) -> jax.Array:
   """gamma(t) for a scalar t, as [B] (what eps_fn expects)."""
   t_b = jnp.full((batch_size,), t, jnp.float32)
   return jnp.broadcast_to(jnp.asarray(gamma_fn(t_b), jnp.float32),
                           (batch_size,))
 
 
-def _alpha_sigma(gamma: jax.Array):
-  """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma)); same shape."""
-  return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
-
-
-def _predict(eps_fn: EpsFn, z_t: jax.Array, gamma_t: jax.Array,
+def _predict(eps_fn: process.EpsFn, z_t: jax.Array, gamma_t: jax.Array,
              clip_x: bool):
   """eps_hat and x_hat at (z_t, gamma_t); with clip_x, x_hat in [-1, 1].
 
@@ -117,11 +102,10 @@ def _predict(eps_fn: EpsFn, z_t: jax.Array, gamma_t: jax.Array,
     raise ValueError(f"eps_fn returned shape {eps_hat.shape}; expected "
                      f"{z_t.shape} (the shape of z_t). eps_fn(z_t, gamma_t) "
                      "must predict one eps per element of z_t.")
-  alpha_t, sigma_t = _alpha_sigma(_expand(gamma_t, z_t.ndim))
-  x_hat = (z_t - sigma_t * eps_hat) / alpha_t
+  x_hat = process.eps_to_x(eps_hat, z_t, gamma_t)
   if clip_x:
     x_hat = jnp.clip(x_hat, -1.0, 1.0)
-    eps_hat = (z_t - alpha_t * x_hat) / sigma_t
+    eps_hat = process.x_to_eps(x_hat, z_t, gamma_t)
   return eps_hat, x_hat
 
 
@@ -148,12 +132,13 @@ def _ancestral_update(z_t, eps_hat, x_hat, gamma_t, gamma_s, noise, eta):
   """
   del x_hat, eta  # the eps form above needs neither
   ndim = z_t.ndim
-  gamma_t, gamma_s = _expand(gamma_t, ndim), _expand(gamma_s, ndim)
+  gamma_t = process.per_example(gamma_t, ndim)
+  gamma_s = process.per_example(gamma_s, ndim)
   c = -jnp.expm1(gamma_s - gamma_t)
-  ratio = jnp.exp(0.5 * (jax.nn.log_sigmoid(-gamma_s)
-                         - jax.nn.log_sigmoid(-gamma_t)))  # alpha_s / alpha_t
-  sigma_t = jnp.sqrt(jax.nn.sigmoid(gamma_t))
-  sigma_s = jnp.sqrt(jax.nn.sigmoid(gamma_s))
+  log_alpha_t, log_sigma_t = process.log_alpha_sigma(gamma_t)
+  log_alpha_s, log_sigma_s = process.log_alpha_sigma(gamma_s)
+  ratio = jnp.exp(log_alpha_s - log_alpha_t)                # alpha_s / alpha_t
+  sigma_t, sigma_s = jnp.exp(log_sigma_t), jnp.exp(log_sigma_s)
   mean = ratio * (z_t - sigma_t * c * eps_hat)
   return mean + sigma_s * jnp.sqrt(c) * noise
 
@@ -170,8 +155,9 @@ def _ddim_update(z_t, eps_hat, x_hat, gamma_t, gamma_s, noise, eta):
   noise (tested).
   """
   ndim = z_t.ndim
-  gamma_t, gamma_s = _expand(gamma_t, ndim), _expand(gamma_s, ndim)
-  alpha_s, sigma_s = _alpha_sigma(gamma_s)
+  gamma_t = process.per_example(gamma_t, ndim)
+  gamma_s = process.per_example(gamma_s, ndim)
+  alpha_s, sigma_s = process.alpha_sigma(gamma_s)
   if eta == 0.0:
     return alpha_s * x_hat + sigma_s * eps_hat
   c = -jnp.expm1(gamma_s - gamma_t)
@@ -306,8 +292,9 @@ def _sample(key, eps_fn, gamma_fn, shape, *, num_steps, sampler, eta, clip_x,
 # Public samplers.
 
 
-def ancestral(key: jax.Array, eps_fn: EpsFn, gamma_fn: GammaFn, shape, *,
-              num_steps: int, clip_x: bool = False) -> jax.Array:
+def ancestral(key: jax.Array, eps_fn: process.EpsFn,
+              gamma_fn: process.GammaFn, shape, *, num_steps: int,
+              clip_x: bool = False) -> jax.Array:
   """Ancestral sampling of the T-step VDM, T = num_steps.
 
   z_1 ~ N(0, I); then for i = T, ..., 1 with t = i / T, s = (i - 1) / T:
@@ -336,8 +323,8 @@ def ancestral(key: jax.Array, eps_fn: EpsFn, gamma_fn: GammaFn, shape, *,
   return z_0
 
 
-def ddim(key: jax.Array, eps_fn: EpsFn, gamma_fn: GammaFn, shape, *,
-         num_steps: int, eta: float = 0.0,
+def ddim(key: jax.Array, eps_fn: process.EpsFn, gamma_fn: process.GammaFn,
+         shape, *, num_steps: int, eta: float = 0.0,
          clip_x: bool = False) -> jax.Array:
   """DDIM sampling (DDIM, section "Sampling from generalized generative
   processes") on the grid t_i = i / num_steps, from z_1 ~ N(0, I).
@@ -362,8 +349,9 @@ def ddim(key: jax.Array, eps_fn: EpsFn, gamma_fn: GammaFn, shape, *,
   return z_0
 
 
-def ddim_from(z_1: jax.typing.ArrayLike, eps_fn: EpsFn, gamma_fn: GammaFn, *,
-              num_steps: int, t_start: float = 1.0, t_end: float = 0.0,
+def ddim_from(z_1: jax.typing.ArrayLike, eps_fn: process.EpsFn,
+              gamma_fn: process.GammaFn, *, num_steps: int,
+              t_start: float = 1.0, t_end: float = 0.0,
               clip_x: bool = False) -> jax.Array:
   """Deterministic DDIM (eta = 0) from a given latent at t_start to t_end.
 
@@ -391,8 +379,9 @@ def ddim_from(z_1: jax.typing.ArrayLike, eps_fn: EpsFn, gamma_fn: GammaFn, *,
   return z_end
 
 
-def ddim_invert(z_0: jax.typing.ArrayLike, eps_fn: EpsFn, gamma_fn: GammaFn,
-                *, num_steps: int, t_start: float = 0.0, t_end: float = 1.0,
+def ddim_invert(z_0: jax.typing.ArrayLike, eps_fn: process.EpsFn,
+                gamma_fn: process.GammaFn, *, num_steps: int,
+                t_start: float = 0.0, t_end: float = 1.0,
                 num_fixed_point_iters: int = 0) -> jax.Array:
   """Deterministic encoding: the DDIM ODE run forward, from t_start up to t_end.
 
@@ -424,11 +413,8 @@ def ddim_invert(z_0: jax.typing.ArrayLike, eps_fn: EpsFn, gamma_fn: GammaFn,
     raise ValueError(f"ddim_invert runs t upwards: need t_end > t_start; got "
                      f"t_start={t_start}, t_end={t_end}. Use ddim_from to go "
                      "from noise to data.")
-  if (isinstance(num_fixed_point_iters, bool)
-      or not isinstance(num_fixed_point_iters, (int, np.integer))
-      or num_fixed_point_iters < 0):
-    raise ValueError("num_fixed_point_iters must be an int >= 0; got "
-                     f"{num_fixed_point_iters!r}.")
+  process.check_int("num_fixed_point_iters", num_fixed_point_iters,
+                    minimum=0, hint="Use 0 for the DDIM paper's encoder.")
   z_0 = jnp.asarray(z_0, jnp.float32)
   batch_size, ndim = _check_shape(z_0.shape)[0], z_0.ndim
   t_lo, t_hi = float(t_start), float(t_end)
@@ -437,8 +423,8 @@ def ddim_invert(z_0: jax.typing.ArrayLike, eps_fn: EpsFn, gamma_fn: GammaFn,
     gamma_s = _gamma_at(gamma_fn, _time(i, num_steps, t_lo, t_hi), batch_size)
     gamma_t = _gamma_at(gamma_fn, _time(i + 1, num_steps, t_lo, t_hi),
                         batch_size)
-    alpha_s, sigma_s = _alpha_sigma(_expand(gamma_s, ndim))
-    alpha_t, sigma_t = _alpha_sigma(_expand(gamma_t, ndim))
+    alpha_s, sigma_s = process.alpha_sigma(process.per_example(gamma_s, ndim))
+    alpha_t, sigma_t = process.alpha_sigma(process.per_example(gamma_t, ndim))
 
     def up(eps_hat):  # z_t whose DDIM step with this eps_hat lands on z_s
       return alpha_t * ((z_s - sigma_s * eps_hat) / alpha_s) + sigma_t * eps_hat
@@ -454,8 +440,8 @@ def ddim_invert(z_0: jax.typing.ArrayLike, eps_fn: EpsFn, gamma_fn: GammaFn,
   return z_end
 
 
-def guided(eps_cond: EpsFn, eps_uncond: EpsFn,
-           scale: jax.typing.ArrayLike) -> EpsFn:
+def guided(eps_cond: process.EpsFn, eps_uncond: process.EpsFn,
+           scale: jax.typing.ArrayLike) -> process.EpsFn:
   """Classifier-free guidance: (1 + scale) eps_cond - scale eps_uncond.
 
   Ho & Salimans 2022, section "Classifier-free guidance". Computed as
@@ -521,8 +507,9 @@ def decode(key: Optional[jax.Array], z_0: jax.typing.ArrayLike,
   return draw(keys, logits).astype(jnp.int32)
 
 
-def progressive(key: jax.Array, eps_fn: EpsFn, gamma_fn: GammaFn, shape, *,
-                num_steps: int, num_frames: int, sampler: str = "ancestral",
+def progressive(key: jax.Array, eps_fn: process.EpsFn,
+                gamma_fn: process.GammaFn, shape, *, num_steps: int,
+                num_frames: int, sampler: str = "ancestral",
                 eta: float = 0.0, clip_x: bool = False):
   """Samples z_0 and the x_hat predictions along the chain (DDPM, section
   "Progressive coding": progressive generation).
@@ -547,13 +534,11 @@ def progressive(key: jax.Array, eps_fn: EpsFn, gamma_fn: GammaFn, shape, *,
     raise ValueError(f"unknown sampler {sampler!r}; known: "
                      f"{', '.join(SAMPLERS)}.")
   eta = _check_eta(eta)
-  if (isinstance(num_frames, bool)
-      or not isinstance(num_frames, (int, np.integer))
-      or not 1 <= num_frames <= num_steps + 1):
-    raise ValueError(f"num_frames must be an int in [1, num_steps + 1] = [1, "
-                     f"{num_steps + 1}]; got {num_frames!r}.")
+  num_frames = process.check_int(
+      "num_frames", num_frames, minimum=1, maximum=num_steps + 1,
+      hint="Frames are taken between steps: at most num_steps + 1.")
   if sampler == "ancestral":
     eta = 1.0
   return _sample(key, eps_fn, gamma_fn, shape, num_steps=num_steps,
                  sampler=sampler, eta=eta, clip_x=clip_x,
-                 num_frames=int(num_frames))
+                 num_frames=num_frames)

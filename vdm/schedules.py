@@ -11,7 +11,8 @@ sampling), which the `*_density` functions give in closed form.
 - Learned (Flax): `LearnedLinear`, `MonotoneNet`, and `variance_minimizing`
   for the VDM variance-minimising gradient of the schedule's shape.
 - Adaptive: `AdaptiveState`, `adaptive_init`, `adaptive_update`,
-  `adaptive_density`, `adaptive_gamma` (defined in `vdm.adaptive`).
+  `adaptive_density`, `adaptive_gamma` (`vdm.adaptive`'s `init`, `update`,
+  `density` and `gamma`).
 
 Truncated schedules (`cosine`, `edm`) map t affinely onto the quantile range
 [u(lam_max), u(lam_min)] of the untruncated schedule instead of clipping
@@ -30,19 +31,20 @@ import jax.numpy as jnp
 from jax.scipy import special
 
 from vdm import adaptive
+from vdm import process
 
-GammaFn = Callable[[jax.Array], jax.Array]
+# p(logsnr [...]) -> [...] density of the log-SNR.
 DensityFn = Callable[[jax.Array], jax.Array]
 
 AdaptiveState = adaptive.AdaptiveState
-adaptive_init = adaptive.adaptive_init
-adaptive_update = adaptive.adaptive_update
-adaptive_density = adaptive.adaptive_density
-adaptive_gamma = adaptive.adaptive_gamma
+adaptive_init = adaptive.init
+adaptive_update = adaptive.update
+adaptive_density = adaptive.density
+adaptive_gamma = adaptive.gamma
 
 
 def _check_gamma_range(gamma_min, gamma_max) -> None:
-  if (adaptive._is_concrete(gamma_min, gamma_max)
+  if (process.is_concrete(gamma_min, gamma_max)
       and not float(gamma_min) < float(gamma_max)):
     raise ValueError(
         f"gamma_min={float(gamma_min)!r} must be < gamma_max="
@@ -51,7 +53,7 @@ def _check_gamma_range(gamma_min, gamma_max) -> None:
 
 
 def _check_positive(name: str, value) -> None:
-  if adaptive._is_concrete(value) and not float(value) > 0:
+  if process.is_concrete(value) and not float(value) > 0:
     raise ValueError(f"{name}={float(value)!r} must be > 0.")
 
 
@@ -115,7 +117,7 @@ def cosine_shift(resolution: float, *, base: float = 64.0) -> float:
 
 def _cosine_quantiles(lam_min, lam_max, shift):
   """u(lam_max), 1 - u(lam_min) and their gap, u(lam) = 2/pi atan(e^-(l/2))."""
-  adaptive._check_logsnr_range(lam_min, lam_max)
+  process.check_logsnr_range(lam_min, lam_max)
   u_lo = 2 / jnp.pi * jnp.arctan(jnp.exp(-0.5 * (lam_max - shift)))
   w_lo = 2 / jnp.pi * jnp.arctan(jnp.exp(0.5 * (lam_min - shift)))
   return u_lo, w_lo, 1.0 - (u_lo + w_lo)
@@ -169,7 +171,7 @@ def cosine_density(logsnr: jax.typing.ArrayLike, *, lam_min: float = -15.0,
 # -------------------------------------------------------------------------- edm
 def _edm_quantiles(mean, std, lam_min, lam_max):
   """Standard-normal bounds z_lo, z_hi, Phi(z_lo), 1 - Phi(z_hi), kept mass."""
-  adaptive._check_logsnr_range(lam_min, lam_max)
+  process.check_logsnr_range(lam_min, lam_max)
   _check_positive("std", std)
   z_lo = (-0.5 * lam_max - mean) / std       # log sigma = -lam / 2
   z_hi = (-0.5 * lam_min - mean) / std
@@ -244,7 +246,7 @@ def _lookup(table, name: str, kwargs, kind: str):
   return fn
 
 
-def get(name: str, **kwargs) -> GammaFn:
+def get(name: str, **kwargs) -> process.GammaFn:
   """The parameter-free schedule `name` as `gamma_fn(t)`, options bound.
 
   Args:

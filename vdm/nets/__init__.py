@@ -9,7 +9,7 @@ Every net takes z_t [B, H, W, C] (the MLP also [B, D]) float32, gamma_t [] or
 [B], labels [B] int32 or None, and returns float32 of z_t's shape. Class-
 conditional nets (num_classes > 0) embed num_classes + 1 labels, the last
 being the learned null label that labels=None selects (classifier-free
-guidance). `parameterization.to_eps` turns an x or v prediction into eps_hat.
+guidance). `vdm.process.to_eps` turns an x or v prediction into eps_hat.
 """
 from typing import Any
 
@@ -18,7 +18,6 @@ import jax.numpy as jnp
 
 from vdm.nets import layers
 from vdm.nets import mlp
-from vdm.nets import parameterization
 from vdm.nets import unet
 from vdm.nets import vdm_unet
 
