@@ -30,9 +30,9 @@ demo: $(VENV)/.installed
 	$(PY) -m vdm.main --config=configs/mnist5k.py --workdir=$(WORKDIR)
 
 # The suite runs with tcmalloc preloaded when it is installed, as
-# `python -m vdm.main` does (vdm/parallel.py: faster XLA:CPU steps).
+# `python -m vdm.main` does (vdm/runtime.py: faster XLA:CPU steps).
 test: $(VENV)/.installed-test
-	LD_PRELOAD="$$($(PY) -c 'from vdm import parallel; print(parallel.tcmalloc_environment().get("LD_PRELOAD", ""))')" \
+	LD_PRELOAD="$$($(PY) -c 'from vdm import runtime; print(runtime.tcmalloc_environment().get("LD_PRELOAD", ""))')" \
 	  $(PY) -m pytest -q tests
 
 # Train-step benchmark vs the official code (see README's results).

@@ -22,13 +22,14 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.dont_write_bytecode = True        # keep the shared peer folder clean
 sys.path.insert(0, HERE)
-import benchmark_nets as bench  # noqa: E402  (timing helpers only)
+import _bench  # noqa: E402  (presets, timing, memory, versions)
+import benchmark_nets as bench  # noqa: E402  (inputs and loss)
 
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--peer_dir", default=bench.PEER_DIR)
-  p.add_argument("--preset", choices=sorted(bench.OFFICIAL_PRESETS),
+  p.add_argument("--peer_dir", default=_bench.PEER_DIR)
+  p.add_argument("--preset", choices=sorted(_bench.OFFICIAL_PRESETS),
                  default="tiny")
   p.add_argument("--batch_size", type=int, default=4)
   p.add_argument("--steps", type=int, default=10)
@@ -43,7 +44,7 @@ def main(argv=None) -> dict:
   official = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(official)
 
-  sizes = bench.OFFICIAL_PRESETS[args.preset]
+  sizes = _bench.OFFICIAL_PRESETS[args.preset]
   config = official.VDMConfig(
       vocab_size=256, sample_softmax=False, antithetic_time_sampling=True,
       with_fourier_features=True, with_attention=False,
@@ -60,14 +61,14 @@ def main(argv=None) -> dict:
                      rngs={"dropout": key})
 
   load_before = os.getloadavg()[0]
-  result = bench.measure(apply_fn, params, args.batch_size, steps=args.steps,
-                         warmup=args.warmup)
+  result = bench.measure(apply_fn, params, args.batch_size, jit=jax.jit,
+                         steps=args.steps, warmup=args.warmup)
   out = {"impl": "official", "net": "vdm_unet", "preset": args.preset,
          "batch_size": args.batch_size, "dtype": "float32",
          "peer": "google-research/vdm@dc27b98 ScoreUNet", **result,
-         "peak_rss_mb": round(bench.peak_rss_mb(), 1),
+         "peak_rss_mb": round(_bench.peak_rss_mb(), 1),
          "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-         **bench.versions(), "net_kwargs": sizes}
+         **_bench.versions(), "net_kwargs": sizes}
   print(json.dumps(out), flush=True)
   return out
 

@@ -12,6 +12,9 @@ parameters with dropout on (train=True, a fresh dropout key per step), time
 lower + compile apart, run `--warmup` untimed steps, then `--steps` timed steps,
 each ending in `jax.block_until_ready`; report the median. Inputs: z_t, eps ~
 N(0, 1) [B, 32, 32, 3], gamma_t uniform in [-13.3, 5] (numpy, fixed seed).
+Our nets compile through `vdm.runtime.jit`, as a run's steps do; with
+VDM_XLA_CPU_DEFAULTS=0 they compile under XLA's defaults like the official
+net (code against code, the README's table).
 
 With `--official auto|yes`, the official VDM network (google-research/vdm,
 `ScoreUNet`, same blocks/channels, dropout 0.1, Fourier features, no block
@@ -30,34 +33,25 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-# The official code and the interpreter that runs it (PEER_DIR / PEER_PYTHON
-# in the environment override both, e.g. on a machine with its own venv).
-PEER_DIR = os.environ.get("PEER_DIR") or os.path.join(
-    REPO, "..", "shared", "peers", "google-research-vdm")
-PEER_PYTHON = os.environ.get("PEER_PYTHON") or os.path.join(
-    HERE, ".peer-venv", "bin", "python")
-IMAGE_SHAPE = (32, 32, 3)
+import _bench
+
+HERE = _bench.HERE
+REPO = _bench.REPO
+PEER_DIR, PEER_PYTHON = _bench.PEER_DIR, _bench.PEER_PYTHON
+IMAGE_SHAPE = _bench.IMAGE_SHAPE
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
 
-# Net settings per preset. vdm_unet: `tiny` and `cifar10` are the peer
-# benchmark's presets (the paper's CIFAR-10 model is n_blocks=32, 128 ch).
-# unet / mlp: same width as vdm_unet's preset, multi-resolution / flattened.
+# Net settings per preset. vdm_unet: the benchmarks' shared presets
+# (_bench.PRESETS; the paper's CIFAR-10 model is 32 blocks at 128 channels)
+# with dropout on. unet / mlp: same width as vdm_unet's preset,
+# multi-resolution / flattened.
 PRESETS = {
-    "vdm_unet": {
-        # num_groups=8: at 32 channels the official 32 groups hold one channel
-        # each and cancel the noise conditioning (see vdm_unet.py); the
-        # group count changes neither parameters nor FLOPs.
-        "tiny": dict(n_blocks=2, channels=32, dropout=0.1, num_groups=8),
-        "cifar10": dict(n_blocks=32, channels=128, dropout=0.1),
-    },
+    "vdm_unet": {name: dict(_bench.PRESETS[name], dropout=0.1)
+                 for name in _bench.OFFICIAL_PRESETS},
     "unet": {
         "tiny": dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                      attention_resolutions=(16,), dropout=0.1),
@@ -66,17 +60,13 @@ PRESETS = {
                         dropout=0.1),
     },
     "mlp": {
-        "tiny": dict(hidden=256, num_blocks=3, dropout=0.1),
-        "cifar10": dict(hidden=1024, num_blocks=4, dropout=0.1),
+        "tiny": dict(hidden=256, num_res_blocks=3, dropout=0.1),
+        "cifar10": dict(hidden=1024, num_res_blocks=4, dropout=0.1),
     },
 }
-# Official ScoreUNet settings matching PRESETS["vdm_unet"].
-OFFICIAL_PRESETS = {"tiny": dict(sm_n_layer=2, sm_n_embd=32),
-                    "cifar10": dict(sm_n_layer=32, sm_n_embd=128)}
-
-
-def peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB
+OFFICIAL_PRESETS = _bench.OFFICIAL_PRESETS
+peak_rss_mb = _bench.peak_rss_mb
+versions = _bench.versions
 
 
 def make_inputs(batch_size: int, seed: int = 0):
@@ -89,16 +79,18 @@ def make_inputs(batch_size: int, seed: int = 0):
   return z_t, gamma_t, eps
 
 
-def measure(apply_fn, params, batch_size: int, *, steps: int, warmup: int,
-            seed: int = 0) -> dict:
+def measure(apply_fn, params, batch_size: int, *, jit, steps: int,
+            warmup: int, seed: int = 0) -> dict:
   """Times jit(value_and_grad(mse(apply_fn(params, z, g, key), eps))).
 
   Args:
     apply_fn: (params, z_t, gamma_t, key_dropout) -> [B, 32, 32, 3].
     params: parameter pytree.
     batch_size: B.
+    jit: how to compile: `vdm.runtime.jit` for ours (as training does),
+      `jax.jit` for the official net (as its code does).
     steps: timed steps.
-    warmup: untimed steps after compilation.
+    warmup: untimed steps after the first call.
   Returns:
     dict of timings (seconds) and XLA memory figures (MB).
   """
@@ -112,9 +104,8 @@ def measure(apply_fn, params, batch_size: int, *, steps: int, warmup: int,
     return jnp.mean(jnp.square(apply_fn(params, z_t, gamma_t, key) - eps))
 
   key = jax.random.key(seed + 1)
-  t0 = time.perf_counter()
-  compiled = jax.jit(jax.value_and_grad(loss)).lower(params, key).compile()
-  compile_s = time.perf_counter() - t0
+  _, compiled, compile_s = _bench.compile_timed(
+      jit(jax.value_and_grad(loss)), params, key)
   memory = {}
   try:
     stats = compiled.memory_analysis()
@@ -122,47 +113,26 @@ def measure(apply_fn, params, batch_size: int, *, steps: int, warmup: int,
               "xla_args_mb": round(stats.argument_size_in_bytes / 2**20, 1)}
   except Exception:  # pylint: disable=broad-except  (not on every backend)
     pass
-  run = lambda i: jax.block_until_ready(
-      compiled(params, jax.random.fold_in(key, i)))
-  t0 = time.perf_counter()
-  run(0)
-  first_call_s = time.perf_counter() - t0
-  for i in range(warmup):
-    run(1 + i)
-  times, cpu_times = [], []
-  for i in range(steps):
-    t0, c0 = time.perf_counter(), time.process_time()
-    _, grads = run(1 + warmup + i)
-    times.append(time.perf_counter() - t0)
-    cpu_times.append(time.process_time() - c0)
+  calls = [0]
+
+  def call():   # a fresh dropout key per step
+    calls[0] += 1
+    return compiled(params, jax.random.fold_in(key, calls[0] - 1))
+
+  timing = _bench.time_calls(call, steps=steps, warmup=warmup)
+  _, grads = timing.output
   grad_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in
                                  jax.tree_util.tree_leaves(grads))))
-  step = statistics.median(times)
+  record = timing.record()
+  record["compile_s"] = round(compile_s, 3)   # lowering + compiling, apart
   return {
       "param_count": int(sum(np.prod(x.shape)
                              for x in jax.tree_util.tree_leaves(params))),
-      "compile_s": round(compile_s, 3),
-      "first_call_s": round(first_call_s, 4),
-      "timed_steps": steps,
-      "step_s_median": round(step, 4),
-      "step_s_min": round(min(times), 4),
-      # CPU seconds of this process per step (all threads): less sensitive
-      # than wall time to other processes on a shared machine.
-      "cpu_s_median": round(statistics.median(cpu_times), 4),
-      "images_per_s": round(batch_size / step, 2),
+      **record,
+      "images_per_s": round(batch_size / timing.median_s, 2),
       "grad_norm": round(grad_norm, 4),   # finite = the backward ran
       **memory,
   }
-
-
-def versions() -> dict:
-  import flax
-  import jax
-  import jaxlib
-  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-          "flax": flax.__version__, "backend": jax.default_backend(),
-          "cpu_count": os.cpu_count(),
-          "python": platform.python_version()}
 
 
 def run_single(args) -> dict:
@@ -170,6 +140,7 @@ def run_single(args) -> dict:
   import jax
   import jax.numpy as jnp
   from vdm import nets
+  from vdm import runtime
 
   kwargs = dict(PRESETS[args.net][args.preset],
                 gamma_min=GAMMA_MIN, gamma_max=GAMMA_MAX)
@@ -184,14 +155,15 @@ def run_single(args) -> dict:
                      rngs={"dropout": key})
 
   load_before = os.getloadavg()[0]
-  result = measure(apply_fn, params, args.batch_size, steps=args.steps,
-                   warmup=args.warmup)
+  result = measure(apply_fn, params, args.batch_size, jit=runtime.jit,
+                   steps=args.steps, warmup=args.warmup)
   return {"impl": "vdm", "net": args.net, "preset": args.preset,
           "batch_size": args.batch_size, "dtype": args.dtype, **result,
           "peak_rss_mb": round(peak_rss_mb(), 1),
           "load_avg_1m": [round(load_before, 2),
                           round(os.getloadavg()[0], 2)],
-          **versions(), "net_kwargs": PRESETS[args.net][args.preset]}
+          **runtime.describe(), **versions(),
+          "net_kwargs": PRESETS[args.net][args.preset]}
 
 
 def _subprocess_json(cmd: list[str], timeout: float) -> dict:

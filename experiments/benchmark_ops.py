@@ -3,20 +3,20 @@ r"""Forward + backward of single layers on this backend, to choose defaults.
   python experiments/benchmark_ops.py                 # B=128, as on a GPU
   python experiments/benchmark_ops.py --batch_size 4  # CPU-sized
 
-Times jit(grad(sum(f(...)^2))) (median of --steps calls) of:
-- attention (`layers.spatial_attention`) with the backend's default query
+Times jit(grad(sum(f(...)^2))) (median of --steps calls, compiled with
+`vdm.runtime.jit` as training is) of:
+- attention (`attention.spatial_attention`) with the backend's default query
   chunking, one chunk, and plain autodiff of softmax(q k^T) v;
-- GroupNorm + swish (`layers.group_norm`, its written-out backward) against
-  autodiff of the same formula;
+- GroupNorm + swish (`groupnorm.group_norm`, its written-out backward)
+  against autodiff of the same formula;
 - one 3x3 convolution 128 -> 128 at 32x32 (forward, dx and dW), as TFLOP/s,
   the ceiling that the U-Nets' convolutions reach on this backend.
-Used for `layers.query_chunk_size`'s accelerator default (README, H100).
+Used for `attention.query_chunk_size`'s accelerator default
+(docs/performance.md).
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,19 +25,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from vdm import parallel  # noqa: E402
-from vdm.nets import layers  # noqa: E402
+import _bench  # noqa: E402
+from vdm import runtime  # noqa: E402
+from vdm.nets import attention  # noqa: E402
+from vdm.nets import groupnorm  # noqa: E402
 
 
 def median_time(fn, args, steps):
-  fn = jax.jit(fn, compiler_options=parallel.compiler_options())  # as training
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  """Median seconds of a steady-state call of `fn(*args)`, compiled as
+  training compiles (the first call, with the compile, untimed)."""
+  fn = runtime.jit(fn)
+  return _bench.time_calls(lambda: fn(*args), steps=steps, warmup=0).median_s
 
 
 def grad_of(fn, argnums=(0, 1, 2)):
@@ -71,11 +69,13 @@ def main():
         return jnp.einsum("bnts,bnsd->bntd", w.astype(v.dtype),
                           flat(v)).reshape(q.shape)
 
+      chunk = attention.query_chunk_size(t, jax.default_backend())
       rows = {
-          f"default (chunk {layers.query_chunk_size(t)})": grad_of(
-              layers.spatial_attention),
+          f"default (chunk {chunk})": grad_of(
+              lambda q, k, v, chunk=chunk:
+              attention.spatial_attention(q, k, v, chunk)),
           "one chunk": grad_of(lambda q, k, v, t=t:
-                               layers.spatial_attention(q, k, v, t)),
+                               attention.spatial_attention(q, k, v, t)),
           "autodiff": grad_of(naive)}
       print(f"attention {dtype.name} {h}x{h} D{d}: " + "  ".join(
           f"{name} {1e3 * median_time(f, (q, k, v), args.steps):.2f}"
@@ -93,7 +93,7 @@ def main():
         y = ((xf - mean) * jax.lax.rsqrt(var + 1e-6)).reshape(x.shape)
         return nn.swish(y * scale + bias)
 
-      rows = {"written-out": grad_of(lambda x, s, o: layers.group_norm(
+      rows = {"written-out": grad_of(lambda x, s, o: groupnorm.group_norm(
           x, s, o, 32, 1e-6, True)), "autodiff": grad_of(naive_gn)}
       print(f"groupnorm+swish {dtype.name} 32x32 C{c}: " + "  ".join(
           f"{name} {1e3 * median_time(f, (x, scale, bias), args.steps):.2f}"
@@ -109,5 +109,5 @@ def main():
 
 
 if __name__ == "__main__":
-  parallel.reexec_with_tcmalloc()   # time the ops as vdm.main runs them
+  runtime.reexec_with_tcmalloc()   # time the ops as vdm.main runs them
   main()

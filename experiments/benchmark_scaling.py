@@ -4,10 +4,11 @@ r"""Train-step time vs device count (weak and strong scaling) and MFU.
   python experiments/benchmark_scaling.py --preset cifar10 --dtype bfloat16 \
       --per_device_batch 128 --modes weak --find_max_batch  # on a GPU / TPU
 
-Measures the jitted train step of `vdm.train` (the model, AdamW + EMA and
-shardings a real run uses; the paper U-Net `vdm_unet` of configs/cifar10.py
-at a preset size) on random 32x32x3 uint8 batches, on 1, 2, 4, ... devices
-of one mesh (`vdm.parallel.make_mesh`):
+Measures the train step a run ships (`vdm.train.make_train_step`, through
+experiments/_bench.py: the model, AdamW + EMA, shardings, key and XLA
+options of a real run; the paper U-Net `vdm_unet` of configs/cifar10.py at a
+preset size) on random 32x32x3 uint8 batches, on 1, 2, 4, ... devices of one
+mesh (`vdm.parallel.make_mesh`):
 
 - weak scaling: a fixed batch per device (`--per_device_batch`), so the
   global batch grows with the devices; ideal: constant step time.
@@ -28,11 +29,12 @@ convolutions on GPU, which become cuDNN calls), divided by the devices, the
 step time and the chip's peak FLOP/s from `PEAK_FLOPS` (dense, i.e. without
 structured sparsity). On CPU MFU is n/a.
 
-Presets (DESIGN.md): `tiny` = 2 blocks, 32 channels; `small` = 8 blocks,
-64 channels; `cifar10` = the paper's 32 blocks, 128 channels. `--n_blocks`
-and `--channels` override a preset. `--dtype bfloat16` sets the nets'
-compute dtype (`config.model.net_kwargs.dtype`); parameters, optimizer and
-ELBO stay float32.
+Presets (experiments/_bench.py): `tiny` = 2 blocks, 32 channels; `small` =
+8 blocks, 64 channels; `cifar10` = the paper's 32 blocks, 128 channels.
+`--num_res_blocks` and `--channels` override a preset (GroupNorm groups:
+`_bench.num_groups_for`). `--dtype bfloat16` sets the nets' compute dtype
+(`config.model.net_kwargs.dtype`); parameters, optimizer and ELBO stay
+float32.
 
 Prints one JSON line per measurement (keys as benchmark_train.py's where
 they apply) and a table.
@@ -44,17 +46,12 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = {"tiny": dict(n_blocks=2, channels=32),
-           "small": dict(n_blocks=8, channels=64),
-           "cifar10": dict(n_blocks=32, channels=128)}
-IMAGE_SHAPE = (32, 32, 3)
+import _bench
+
+REPO = _bench.REPO
 
 # Peak dense FLOP/s per chip: (device_kind substring, bf16, float32 as XLA
 # runs it by default). First match wins, so specific names come first.
@@ -94,10 +91,6 @@ def peak_flops(device_kind: str, dtype: str) -> tuple[float | None, str]:
     if name.lower() in device_kind.lower():
       return (bf16 if dtype == "bfloat16" else fp32), source
   return None, f"no peak FLOP/s known for {device_kind!r}"
-
-
-def _rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ------------------------------------------------------------------ worker
@@ -142,61 +135,29 @@ def measure(args) -> list[dict]:
   """Times the train step on `args.num_devices` devices, one record per
   requested (mode, global batch)."""
   _worker_env(args)
-  sys.path.insert(0, REPO)
   # pylint: disable=g-import-not-at-top
-  import flax
   import jax
-  import numpy as np
-  import optax
-  from configs import cifar10
-  from vdm import model as model_lib
   from vdm import parallel
-  from vdm import train
+  from vdm import runtime
   # pylint: enable=g-import-not-at-top
 
-  config = cifar10.get_config()
-  # The paper's 32 GroupNorm groups at 128 channels; narrower presets keep 4
-  # channels per group (one channel per group would hide gamma from the net).
-  config.model.net_kwargs.update(n_blocks=args.n_blocks,
-                                 channels=args.channels,
-                                 num_groups=max(1, min(32, args.channels // 4)))
-  if args.dtype != "float32":
-    config.model.net_kwargs.dtype = args.dtype  # the nets accept a name
-  model = model_lib.build(config.model, IMAGE_SHAPE, 256, 10)
-  tx, lr_fn = train.create_optimizer(config.optimizer, 1000)
-  mesh = parallel.make_mesh(args.num_devices)
-  init = lambda key: train.create_train_state(model, tx, key)
-  key_init = jax.random.key(0)
-  abstract = jax.eval_shape(init, key_init)
-  state_sharding = parallel.state_sharding(mesh, abstract, fsdp=args.fsdp)
-  init = jax.jit(init, out_shardings=state_sharding)
-  param_count = sum(int(np.prod(p.shape))
-                    for p in jax.tree.leaves(abstract.params))
-  step = jax.jit(
-      lambda s, b: train.train_step(
-          s, b, model=model, base_key=jax.random.key(1),
-          ema_decay=config.optimizer.ema_decay, adaptive_decay=0.99,
-          learning_rate_fn=lr_fn),
-      in_shardings=(state_sharding, parallel.data_sharding(mesh)),
-      out_shardings=(state_sharding, parallel.replicated(mesh)),
-      donate_argnums=(0,), compiler_options=parallel.compiler_options())
+  net_kwargs = dict(_bench.PRESETS[args.preset])
+  net_kwargs.update(num_res_blocks=args.num_res_blocks, channels=args.channels,
+                    num_groups=_bench.num_groups_for(args.channels))
+  setup = _bench.train_setup(net_kwargs, num_devices=args.num_devices,
+                             fsdp=args.fsdp, dtype=args.dtype)
+  mesh = setup.mesh
   device = mesh.devices.flat[0]
   peak, peak_source = (peak_flops(device.device_kind, args.dtype)
                        if jax.default_backend() != "cpu"
                        else (None, "CPU: n/a"))
-  rng = np.random.default_rng(args.seed)
   records, compiled_sizes = [], set()
   for mode, batch_size in json.loads(args.batches):
     parallel.check_batch_size(batch_size, mesh)
-    batch = parallel.shard_batch(mesh, {
-        "image": rng.integers(0, 256, (batch_size, *IMAGE_SHAPE),
-                              dtype=np.uint8),
-        "label": np.zeros((batch_size,), np.int32)})
-    state = init(key_init)
-    t0 = time.perf_counter()
-    lowered = step.lower(state, batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    batch = setup.batch(batch_size, args.seed)
+    state = setup.init_state()
+    lowered, compiled, compile_s = _bench.compile_timed(setup.step, state,
+                                                        batch)
     # FLOPs of the whole step from the HLO before XLA's backend passes: on
     # GPU those turn convolutions into cuDNN custom calls that the compiled
     # program's cost analysis counts as 0 FLOPs (seen on an H100: 0.66 of
@@ -205,33 +166,35 @@ def measure(args) -> list[dict]:
     flops_total = _cost_flops(lowered)
     flops_per_device = (flops_total / args.num_devices if flops_total
                         else _cost_flops(compiled))
-    for _ in range(args.warmup):
+
+    def call():
+      nonlocal state
       state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    loss = float(metrics["loss"])
+      return state, metrics
+
+    # The first call counts as one of the --warmup calls.
+    timing = _bench.time_calls(call, steps=args.steps,
+                               warmup=max(0, args.warmup - 1))
+    median = timing.median_s
+    loss = float(timing.output[1]["loss"])
     mfu = None
     if peak and flops_per_device:
       mfu = flops_per_device / median / peak
     memory = getattr(device, "memory_stats", lambda: None)() or {}
     records.append({
         "impl": "vdm", "bench": "scaling", "preset": args.preset,
-        "n_blocks": args.n_blocks, "channels": args.channels,
+        "num_res_blocks": args.num_res_blocks, "channels": args.channels,
         "mode": mode, "num_devices": args.num_devices,
         "batch_size": batch_size,
         "per_device_batch": batch_size // args.num_devices,
-        "dtype": args.dtype, "fsdp": args.fsdp, "param_count": param_count,
+        "dtype": args.dtype, "fsdp": args.fsdp,
+        "param_count": setup.param_count,
         "compile_s": round(compile_s, 3),
         # The same shapes were compiled for an earlier mode: jit's cache.
         "compile_cached": batch_size in compiled_sizes,
         "timed_steps": args.steps,
-        "step_s_median": round(median, 5), "step_s_min": round(min(times), 5),
+        "step_s_median": round(median, 5),
+        "step_s_min": round(min(timing.times_s), 5),
         "images_per_s": round(batch_size / median, 2),
         "flops_per_step": (flops_per_device * args.num_devices
                            if flops_per_device else None),
@@ -242,15 +205,13 @@ def measure(args) -> list[dict]:
         "mfu": round(mfu, 4) if mfu is not None else None,
         "loss_bpd_last": round(loss, 4),
         "device_peak_bytes": memory.get("peak_bytes_in_use"),
-        "peak_rss_mb": round(_rss_mb(), 1),
-        "backend": jax.default_backend(), "device_kind": device.device_kind,
+        "peak_rss_mb": round(_bench.peak_rss_mb(), 1),
+        "device_kind": device.device_kind,
         "fake_cpu_devices": bool(args.fake_cpu_devices),
-        "jax": jax.__version__, "flax": flax.__version__,
-        "optax": optax.__version__, "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
+        **runtime.describe(), **_bench.versions(),
     })
     compiled_sizes.add(batch_size)
-    del state, metrics, batch, compiled
+    del state, batch, compiled, timing
   return records
 
 
@@ -261,7 +222,8 @@ def _run_worker(args, extra: list[str], timeout_s: float
                 ) -> tuple[list[dict], str]:
   """Runs this script as a worker; (its JSON records, error text or '')."""
   cmd = [sys.executable, os.path.abspath(__file__), "--_worker", *extra,
-         "--preset", args.preset, "--n_blocks", str(args.n_blocks),
+         "--preset", args.preset,
+         "--num_res_blocks", str(args.num_res_blocks),
          "--channels", str(args.channels), "--dtype", args.dtype,
          "--steps", str(args.steps), "--warmup", str(args.warmup),
          "--seed", str(args.seed)] + (["--fsdp"] if args.fsdp else [])
@@ -293,12 +255,10 @@ def _fmt(value, spec: str, missing: str = "n/a") -> str:
 
 
 def print_table(records: list[dict], info: dict, args) -> None:
-  commit = subprocess.run(
-      ["git", "-C", REPO, "describe", "--always", "--dirty"],
-      capture_output=True, text=True, check=False).stdout.strip()
+  commit = _bench.commit()
   first = records[0] if records else {}
-  print(f"\nvdm train-step scaling: preset={args.preset} (n_blocks="
-        f"{args.n_blocks}, channels={args.channels}, "
+  print(f"\nvdm train-step scaling: preset={args.preset} (num_res_blocks="
+        f"{args.num_res_blocks}, channels={args.channels}, "
         f"{first.get('param_count', 0):,} params), dtype={args.dtype}, "
         f"fsdp={args.fsdp}, {args.steps} timed steps (median)")
   print(f"device={info['device_kind']} backend={info['backend']} "
@@ -341,8 +301,9 @@ def print_table(records: list[dict], info: dict, args) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-  parser.add_argument("--n_blocks", type=int, default=None,
+  parser.add_argument("--preset", choices=sorted(_bench.PRESETS),
+                      default="tiny")
+  parser.add_argument("--num_res_blocks", type=int, default=None,
                       help="override the preset's ResNet blocks")
   parser.add_argument("--channels", type=int, default=None,
                       help="override the preset's channels")
@@ -379,10 +340,11 @@ def main():
                       help=argparse.SUPPRESS)
   parser.add_argument("--batches", default="[]", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  for name in ("n_blocks", "channels"):
+  for name in ("num_res_blocks", "channels"):
     if getattr(args, name) is None:
-      setattr(args, name, PRESETS[args.preset][name])
-  for name in ("per_device_batch", "global_batch", "steps", "channels"):
+      setattr(args, name, _bench.PRESETS[args.preset][name])
+  for name in ("per_device_batch", "global_batch", "steps", "channels",
+               "num_res_blocks"):
     if getattr(args, name) < 1:
       parser.error(f"--{name} must be >= 1; got {getattr(args, name)}")
   if args._probe:   # pylint: disable=protected-access

@@ -4,8 +4,9 @@ r"""Where the train step's time goes: per-XLA-op time of the compiled step.
   python experiments/profile_step.py --preset cifar10 --batch_size 4 --top 30
   VDM_XLA_CPU_DEFAULTS=0 python experiments/profile_step.py ...  # XLA defaults
 
-Compiles the same train step as experiments/benchmark_train.py (this
-library's, with `vdm.parallel.compiler_options()`), runs a few steps under
+Compiles the train step a run ships (`vdm.train.make_train_step` through
+experiments/_bench.py, as experiments/benchmark_train.py; compiled with
+`vdm.runtime.jit`'s XLA options), runs a few steps under
 `jax.profiler.trace`, and joins the trace's per-op events (XLA:CPU thunks,
 XLA:GPU kernels) with the compiled HLO's `op_name` metadata. Prints the time
 per step by kind (forward / backward convolution, dot, reduction, transpose,
@@ -25,10 +26,8 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -91,7 +90,8 @@ def _source(op_name: str) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", choices=["tiny", "cifar10"], default="tiny")
+  parser.add_argument("--preset", choices=["tiny", "small", "cifar10"],
+                      default="tiny")
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--steps", type=int, default=2,
                       help="profiled steps (after two warm-up steps)")
@@ -101,28 +101,13 @@ def main():
     parser.error("--batch_size, --steps and --top must be >= 1")
 
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from benchmark_train import PRESETS  # pylint: disable=g-import-not-at-top
-  from configs import cifar10  # pylint: disable=g-import-not-at-top
-  from vdm import model as model_lib  # pylint: disable=g-import-not-at-top
-  from vdm import parallel  # pylint: disable=g-import-not-at-top
-  from vdm import train  # pylint: disable=g-import-not-at-top
+  import _bench  # pylint: disable=g-import-not-at-top
+  from vdm import runtime  # pylint: disable=g-import-not-at-top
 
-  config = cifar10.get_config()
-  config.model.net_kwargs.update(PRESETS[args.preset])
-  model = model_lib.build(config.model, (32, 32, 3), 256, 10)
-  tx, lr_fn = train.create_optimizer(config.optimizer, 1000)
-  state = train.create_train_state(model, tx, jax.random.key(0))
-  step = jax.jit(lambda s, b: train.train_step(
-      s, b, model=model, base_key=jax.random.key(1),
-      ema_decay=config.optimizer.ema_decay, adaptive_decay=0.99,
-      learning_rate_fn=lr_fn), donate_argnums=(0,),
-      compiler_options=parallel.compiler_options())
-  rng = np.random.default_rng(0)
-  batch = jax.device_put({
-      "image": rng.integers(0, 256, (args.batch_size, 32, 32, 3), np.uint8),
-      "label": np.zeros((args.batch_size,), np.int32)})
-  compiled = step.lower(state, batch).compile()
+  setup = _bench.train_setup(_bench.PRESETS[args.preset], num_devices=1)
+  state = setup.init_state()
+  batch = setup.batch(args.batch_size)
+  _, compiled, _ = _bench.compile_timed(setup.step, state, batch)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", 0.0))
@@ -131,14 +116,15 @@ def main():
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
 
-  walls = []
+  def call():
+    nonlocal state
+    state, metrics = compiled(state, batch)
+    return metrics
+
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        walls.append(time.perf_counter() - t0)
+      timing = _bench.time_calls(call, steps=args.steps, warmup=0)
+    num_calls = 1 + args.steps              # the first call is traced too
     paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
                       recursive=True)
     if not paths:
@@ -150,18 +136,17 @@ def main():
   per_op = collections.Counter()
   for event in events:
     if event.get("ph") == "X" and event.get("name") in described:
-      per_op[event["name"]] += event.get("dur", 0) / 1e6 / args.steps
+      per_op[event["name"]] += event.get("dur", 0) / 1e6 / num_calls
   by_kind, by_source = collections.Counter(), collections.Counter()
   for name, seconds in per_op.items():
     kind, source = described[name]
     by_kind[kind] += seconds
     by_source[(kind, source)] += seconds
 
-  wall = statistics.median(walls)
+  wall = timing.median_s
   traced = sum(per_op.values())
   print(f"preset={args.preset} batch={args.batch_size} "
-        f"backend={jax.default_backend()} options="
-        f"{parallel.compiler_options()}")
+        f"backend={jax.default_backend()} runtime={runtime.describe()}")
   print(f"wall {wall:.4f} s/step (median of {args.steps}, under the "
         f"profiler); ops with events {traced:.4f} s/step; XLA FLOPs "
         f"{flops / 1e9:.1f} G/step = {flops / 1e9 / wall:.0f} GFLOP/s\n")
@@ -175,6 +160,6 @@ def main():
 
 
 if __name__ == "__main__":
-  from vdm import parallel  # pylint: disable=g-import-not-at-top
-  parallel.reexec_with_tcmalloc()   # profile the step as vdm.main runs it
+  from vdm import runtime  # pylint: disable=g-import-not-at-top
+  runtime.reexec_with_tcmalloc()   # profile the step as vdm.main runs it
   main()

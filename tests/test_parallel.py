@@ -6,10 +6,6 @@ module, so nothing at module level may touch a JAX backend.
 """
 import hashlib
 import json
-import os
-import re
-import subprocess
-import sys
 from typing import Any
 
 import jax
@@ -193,103 +189,6 @@ def test_single_process_helpers(monkeypatch):
           == hashlib.sha256(text.encode()).hexdigest())
   with pytest.raises(TypeError, match="config_json must be a str; got dict"):
     parallel.check_config_agreement({"lr": 0.1})
-
-
-def _ynn_fused_opcodes(hlo_text):
-  """Opcodes inside the computations that YNNPACK fusions call."""
-  called = set(re.findall(r"calls=%([\w.\-]+).*__ynn_fusion", hlo_text))
-  opcodes, inside = set(), False
-  for line in hlo_text.splitlines():
-    head = re.match(r"^%([\w.\-]+) .*\{$", line)
-    if head:
-      inside = head.group(1) in called
-    elif inside:
-      op = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = \S+ ([\w\-]+)\(", line)
-      if op:
-        opcodes.add(op.group(1))
-  return opcodes
-
-
-def test_cpu_compiler_options_move_convolutions_and_keep_the_numbers(
-    monkeypatch):
-  # The steps' XLA:CPU options route convolutions away from YNNPACK, also
-  # where a dot shares the convolution's consumer (a ResNet block's shortcut
-  # + conv, which a YNNPACK dot fusion would take whole): no YNNPACK fusion
-  # holds a convolution, the dots still go to YNNPACK, and the forward and
-  # all gradients agree with XLA's default lowering.
-  assert jax.default_backend() == "cpu"
-  options = parallel.compiler_options()
-  assert options == parallel.CPU_COMPILER_OPTIONS
-  dn = ("NHWC", "HWIO", "NHWC")
-  def loss(x, w, w_short):
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                     dimension_numbers=dn) + x @ w_short
-    return jnp.sum(jnp.tanh(y) ** 2)
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((4, 32, 32, 64)).astype(np.float32)
-  w = 0.05 * rng.standard_normal((3, 3, 64, 32)).astype(np.float32)
-  w_short = 0.1 * rng.standard_normal((64, 32)).astype(np.float32)
-  fn = jax.value_and_grad(loss, (0, 1, 2))
-  tuned = jax.jit(fn, compiler_options=options).lower(x, w, w_short).compile()
-  default = jax.jit(fn).lower(x, w, w_short).compile()
-  assert "convolution" in _ynn_fused_opcodes(default.as_text())
-  assert _ynn_fused_opcodes(tuned.as_text()) & {"dot", "convolution"} == {
-      "dot"}
-  args = (x, w, w_short)
-  for a, b in zip(jax.tree.leaves(tuned(*args)),
-                  jax.tree.leaves(default(*args))):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
-  monkeypatch.setenv("VDM_XLA_CPU_DEFAULTS", "0")
-  assert parallel.compiler_options() is None
-
-
-_ALLOCATOR_PROBE = """
-import resource
-from vdm import parallel
-parallel.reexec_with_tcmalloc()
-import jax, jax.numpy as jnp
-f = jax.jit(lambda x: x + 1.0)
-x = jnp.zeros((8, 1024, 1024), jnp.float32)          # 32 MB per output
-for _ in range(15):
-  y = f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-  y = f(x).block_until_ready()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(parallel.tcmalloc_loaded(), faults, float(y[0, 0, 0]))
-"""
-
-
-@pytest.mark.skipif(parallel.find_tcmalloc() is None,
-                    reason="tcmalloc not installed")
-def test_reexec_with_tcmalloc_reuses_xla_buffers():
-  # With glibc's malloc each 32 MB output is a fresh mmap, faulted in page
-  # by page (8192 4-KiB pages per call); the process restarted with tcmalloc
-  # reuses the freed pages. VDM_TCMALLOC=0 keeps glibc.
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "VDM_TCMALLOC", "VDM_TCMALLOC_TRIED")}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="",
-             PYTHONPATH=multiprocess_util.REPO_ROOT)
-  def probe(**extra):
-    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE],
-                         env={**env, **extra}, capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
-    return out[0], int(out[1]), float(out[2])
-  loaded, faults, value = probe()
-  assert (loaded, value) == ("True", 1.0) and faults < 8192
-  loaded, faults, value = probe(VDM_TCMALLOC="0")
-  assert (loaded, value) == ("False", 1.0) and faults >= 10 * 8192
-
-
-def test_tcmalloc_environment(monkeypatch):
-  monkeypatch.setattr(parallel, "find_tcmalloc", lambda: "libtcm.so.4")
-  env = parallel.tcmalloc_environment({"LD_PRELOAD": "libother.so", "A": "1"})
-  assert env == {"LD_PRELOAD": "libtcm.so.4 libother.so", "A": "1"}
-  assert parallel.tcmalloc_environment(env) == env      # not twice
-  off = {"VDM_TCMALLOC": "0"}
-  assert parallel.tcmalloc_environment(off) == off
-  monkeypatch.setattr(parallel, "find_tcmalloc", lambda: None)
-  assert parallel.tcmalloc_environment({}) == {}
 
 
 @pytest.mark.parametrize("env, kwargs, match", [

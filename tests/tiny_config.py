@@ -11,7 +11,7 @@ def get_config():
   config = digits.get_config()
   config.model.net = "mlp"
   config.model.net_kwargs = ml_collections.ConfigDict(
-      dict(hidden=32, num_blocks=1, dropout=0.0, dtype="float32"))
+      dict(hidden=32, num_res_blocks=1, dropout=0.0, dtype="float32"))
   config.training.batch_size = 8
   config.training.eval_batch_size = 100   # 359 test rows: last batch padded
   config.training.num_steps = 6

@@ -40,6 +40,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vdm import parallel
+
 PyTree = Any
 
 _STATE = "state"
@@ -75,8 +77,8 @@ def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
 
 
 def _default_sharding() -> jax.sharding.Sharding:
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  """Replicated over the mesh of all devices, as the train state is."""
+  return parallel.replicated(parallel.make_mesh())
 
 
 def _abstract_target(target_state: PyTree) -> PyTree:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm import parallel
+from vdm import runtime
 
 TERMS = ("total", "recon", "prior", "diff")
 
@@ -222,7 +223,7 @@ def make_sampler(model, *, sampler: str, num_steps: int, num_samples: int,
                         mode=decode)
     return x, frames
 
-  return jax.jit(run, compiler_options=parallel.compiler_options())
+  return runtime.jit(run)
 
 
 def sample_labels(model, num_samples: int):

@@ -30,6 +30,7 @@ from vdm import config_lib
 from vdm import evaluate
 from vdm import input_pipeline
 from vdm import parallel
+from vdm import runtime
 from vdm import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -125,7 +126,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  parallel.reexec_with_tcmalloc()   # on CPU, if installed: up to ~1.2x faster
+  runtime.reexec_with_tcmalloc()   # on CPU, if installed: up to ~1.2x faster
   flags.mark_flags_as_required(["config", "workdir"])
   jax.config.config_with_absl()
   app.run(main)

@@ -23,23 +23,17 @@ Example (single or multi process, the same code):
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.training.batch_size, mesh)
   state_shardings = parallel.state_sharding(mesh, abstract_state, fsdp=False)
-  step = jax.jit(train_step,
-                 in_shardings=(state_shardings, parallel.data_sharding(mesh)),
-                 out_shardings=(state_shardings, parallel.replicated(mesh)),
-                 donate_argnums=(0,))
   batch = parallel.shard_batch(mesh, local_numpy_batch)
+
+`train.make_train_step` compiles the step with these shardings
+(`data_sharding` for batches, `replicated` for metrics). Compile options and
+the allocator are not this module's: see `runtime`.
 """
 
-import ctypes
-import ctypes.util
-import functools
 import glob
 import hashlib
-import importlib.metadata
 import importlib.util
 import os
-import pkgutil
-import sys
 from typing import Any, Optional
 
 from absl import logging
@@ -148,151 +142,6 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     jax.distributed.initialize()
     return jax.process_count() > 1
   return False
-
-
-# XLA:CPU compile options for the train/eval/sample steps. Convolutions go to
-# XLA's own (Eigen) kernels instead of YNNPACK, whose weight-gradient
-# convolution runs at about half its forward speed; each dot (unfused: a dot
-# fusion would pull the convolutions that share its consumers, e.g. the
-# ResNet shortcut and the noise embedding, back into YNNPACK) and the
-# reductions stay in YNNPACK. Measured on 2 AMD EPYC cores: paper U-Net train
-# step 3.14 -> 2.37 s (cifar10, batch 4), 0.289 -> 0.242 s (tiny, batch 16)
-# with convolutions out of YNNPACK; then, same-process A/B, dots unfused:
-# -8% (cifar10), -9% (tiny), +0.6% (the mnist5k demo's step). Set
-# VDM_XLA_CPU_DEFAULTS=0 to compile with XLA's defaults.
-CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
-}
-ENV_XLA_CPU_DEFAULTS = "VDM_XLA_CPU_DEFAULTS"
-
-
-def compiler_options() -> Optional[dict[str, Any]]:
-  """`compiler_options=` for `jax.jit` of the heavy steps on this backend.
-
-  `CPU_COMPILER_OPTIONS` on CPU, None (XLA's defaults) on GPU/TPU, when
-  VDM_XLA_CPU_DEFAULTS=0, or when this jaxlib does not know an option (checked
-  once by compiling a one-op function; a warning says so).
-  """
-  if (jax.default_backend() != "cpu"
-      or os.environ.get(ENV_XLA_CPU_DEFAULTS) == "0"):
-    return None
-  return _supported_cpu_options()
-
-
-@functools.cache
-def _supported_cpu_options() -> Optional[dict[str, Any]]:
-  """`CPU_COMPILER_OPTIONS` if this jaxlib compiles with them, else None."""
-  options = dict(CPU_COMPILER_OPTIONS)
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=options).lower(
-        np.float32(0)).compile()
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("XLA:CPU options %s not supported by this jaxlib (%s); "
-                    "compiling with XLA's defaults.", options,
-                    str(e).splitlines()[0][:200])
-    return None
-  return options
-
-
-# XLA:CPU mallocs each call's temporaries (1.35 GB in one block for the paper
-# U-Net's train step at cifar10 batch 4) and outputs on its worker threads.
-# glibc gives each thread its own arena, which holds at most 64 MB and passes
-# larger blocks to mmap: every call maps fresh pages, takes a zero-filling page
-# fault on each and unmaps them again (330k page faults and 0.5 s of system
-# time per cifar10 step). tcmalloc keeps freed pages for reuse and has fast
-# per-thread caches for XLA's many small allocations. Paper U-Net train step
-# on 2 AMD EPYC cores: cifar10 B4 2.24 -> 1.85-2.16 s, tiny B16 0.170 ->
-# 0.136-0.180 s (the figure varies from process to process, steady within
-# one), the mnist5k demo's step 0.220 -> 0.179 s; cifar10 peak RSS 2.9 GB
-# vs 3.3 (one process of eight: 4.6). glibc's own knobs (mallopt arena_max /
-# mmap_max) helped one workload and slowed another: README.
-TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
-ENV_TCMALLOC = "VDM_TCMALLOC"                 # '0': never preload tcmalloc
-_TCMALLOC_TRIED = "VDM_TCMALLOC_TRIED"        # set by the re-exec (no loop)
-
-
-def find_tcmalloc() -> Optional[str]:
-  """The installed tcmalloc's library name (for LD_PRELOAD), or None.
-
-  Debian/Ubuntu: `apt install libtcmalloc-minimal4`; conda: gperftools.
-  """
-  for name in TCMALLOC_LIBRARIES:
-    found = ctypes.util.find_library(name)
-    if found:
-      return found
-  return None
-
-
-def tcmalloc_loaded() -> bool:
-  """Whether this process runs with tcmalloc (e.g. via LD_PRELOAD)."""
-  try:
-    with open("/proc/self/maps") as f:
-      return "libtcmalloc" in f.read()
-  except OSError:
-    return False
-
-
-def tcmalloc_environment(env: Optional[dict[str, str]] = None
-                         ) -> dict[str, str]:
-  """`env` (default os.environ) with tcmalloc added to LD_PRELOAD, for a
-  child process that computes on the CPU; unchanged when tcmalloc is not
-  installed or VDM_TCMALLOC=0."""
-  env = dict(os.environ if env is None else env)
-  library = find_tcmalloc()
-  if library is None or env.get(ENV_TCMALLOC) == "0":
-    return env
-  preload = env.get("LD_PRELOAD", "")
-  if library not in preload.split() and "libtcmalloc" not in preload:
-    env["LD_PRELOAD"] = " ".join(p for p in (library, preload) if p)
-  return env
-
-
-def reexec_with_tcmalloc() -> None:
-  """Restarts this process (same pid, argv, environment) with tcmalloc
-  preloaded, when that helps and is possible; else returns.
-
-  For the entry points (`python -m vdm.main`, the benchmarks), as the first
-  statement, before JAX starts (see `TCMALLOC_LIBRARIES` for the gain).
-  Returns without restarting when tcmalloc is already loaded or not
-  installed (then it logs how to install it), when JAX may run on a GPU/TPU
-  (host allocations matter little there), when VDM_TCMALLOC=0, or after one
-  attempt.
-  """
-  if (tcmalloc_loaded() or os.environ.get(ENV_TCMALLOC) == "0"
-      or os.environ.get(_TCMALLOC_TRIED) or sys.platform != "linux"
-      or not _cpu_backend_expected()):
-    return
-  env = tcmalloc_environment()
-  if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
-    logging.warning(
-        "tcmalloc not found: CPU train steps run up to ~1.2x faster with it "
-        "(Debian/Ubuntu: apt install libtcmalloc-minimal4; set %s=0 to "
-        "silence this).", ENV_TCMALLOC)
-    return
-  env[_TCMALLOC_TRIED] = "1"
-  argv = getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + list(argv[1:]), env)
-
-
-def _cpu_backend_expected() -> bool:
-  """Whether JAX will compute on the CPU, decided without starting it."""
-  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
-  if platforms:
-    return platforms.split(",")[0].strip().lower() == "cpu"
-  if importlib.metadata.entry_points(group="jax_plugins"):
-    return False
-  try:
-    import jax_plugins  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    pass
-  else:
-    if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
-      return False
-  return all(importlib.util.find_spec(name) is None
-             for name in ("libtpu", "libtpu_nightly"))
 
 
 def is_main_process() -> bool:

@@ -9,21 +9,21 @@ state.step)` (stream 1 keeps it apart from the init key) and the
 batch of step s is a pure function of (seed, s) (`input_pipeline`), so a
 resumed run draws exactly the noise and data an uninterrupted run would: the
 checkpoint needs no key and no iterator state beyond the step.
+
+`make_train_step` and `make_eval_step` are the only way a step is compiled:
+the loop, the benchmarks and the profiler all use them, so what is timed is
+what a run ships.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
-import sys
-import time
 from typing import Any, Callable
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ from vdm import evaluate
 from vdm import input_pipeline
 from vdm import model as model_lib
 from vdm import parallel
+from vdm import runtime
 
 
 class TrainState(train_state.TrainState):
@@ -177,6 +178,99 @@ def eval_step(params, batch: dict, batch_index: jax.Array, *,
   return sums
 
 
+# -------------------------------------------------------- step factories
+
+
+def train_base_key(seed: int) -> jax.Array:
+  """The train step's base key: `fold_in(key(seed), 1)`; stream 1 keeps it
+  apart from the init key `key(seed)`."""
+  return jax.random.fold_in(jax.random.key(seed), 1)
+
+
+def make_init(model: model_lib.Model, tx: optax.GradientTransformation, *,
+              mesh: jax.sharding.Mesh, fsdp: bool = False
+              ) -> tuple[Callable[[jax.Array], TrainState], TrainState, Any]:
+  """The jitted state initialiser, with the state's shapes and shardings.
+
+  Args:
+    model: the built model.
+    tx: the optimizer (`create_optimizer`).
+    mesh: the device mesh (`parallel.make_mesh`).
+    fsdp: split the state over the mesh (`parallel.state_sharding`).
+  Returns:
+    (init: key -> TrainState placed with the shardings, abstract state of
+    `jax.ShapeDtypeStruct` leaves, state sharding pytree).
+  """
+  init = functools.partial(create_train_state, model, tx)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  state_sharding = parallel.state_sharding(mesh, abstract, fsdp=fsdp)
+  return (jax.jit(init, out_shardings=state_sharding), abstract,
+          state_sharding)
+
+
+def make_train_step(model: model_lib.Model, *, seed: int, ema_decay: float,
+                    adaptive_decay: float, learning_rate_fn: Callable,
+                    state_sharding: Any, mesh: jax.sharding.Mesh,
+                    batch_sharding: jax.sharding.Sharding | None = None
+                    ) -> Callable[[TrainState, dict],
+                                  tuple[TrainState, dict]]:
+  """The compiled train step `(state, batch) -> (state, metrics)`.
+
+  The state is donated; metrics come back replicated. Compiled through
+  `runtime.jit` (this backend's XLA options).
+
+  Args:
+    model: the built model.
+    seed: `config.training.seed`; the step's key is
+      `fold_in(train_base_key(seed), state.step)`.
+    ema_decay: `config.optimizer.ema_decay`.
+    adaptive_decay: `config.model.adaptive_decay`.
+    learning_rate_fn: the optimizer's schedule (reported as a metric).
+    state_sharding: shardings of the train state (`make_init`).
+    mesh: the device mesh.
+    batch_sharding: of the batch; default `parallel.data_sharding(mesh)`.
+  Returns:
+    The jitted step.
+  """
+  if batch_sharding is None:
+    batch_sharding = parallel.data_sharding(mesh)
+  step_fn = functools.partial(
+      train_step, model=model, base_key=train_base_key(seed),
+      ema_decay=ema_decay, adaptive_decay=adaptive_decay,
+      learning_rate_fn=learning_rate_fn)
+  return runtime.jit(
+      step_fn, in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, parallel.replicated(mesh)),
+      donate_argnums=(0,))
+
+
+def make_eval_step(model: model_lib.Model, *, eval_seed: int,
+                   params_sharding: Any, mesh: jax.sharding.Mesh,
+                   batch_sharding: jax.sharding.Sharding | None = None
+                   ) -> Callable[[Any, dict, jax.Array], dict]:
+  """The compiled eval step `(params, batch, batch_index) -> sums`.
+
+  Args:
+    model: the built model.
+    eval_seed: `config.training.eval_seed`; the key of batch i is
+      `fold_in(key(eval_seed), i)`.
+    params_sharding: shardings of the parameters (the state sharding's
+      `ema_params`).
+    mesh: the device mesh.
+    batch_sharding: of the batch; default `parallel.data_sharding(mesh)`.
+  Returns:
+    The jitted `eval_step`, sums replicated.
+  """
+  if batch_sharding is None:
+    batch_sharding = parallel.data_sharding(mesh)
+  repl = parallel.replicated(mesh)
+  eval_fn = functools.partial(eval_step, model=model,
+                              eval_key=jax.random.key(eval_seed))
+  return runtime.jit(eval_fn,
+                     in_shardings=(params_sharding, batch_sharding, repl),
+                     out_shardings=repl)
+
+
 # ------------------------------------------------------------------- loop
 
 
@@ -192,8 +286,9 @@ class Trainer:
     parallel.check_batch_size(config.training.eval_batch_size, self.mesh,
                               field="config.training.eval_batch_size")
     data = config.data
-    self.ds = input_pipeline.create(data.dataset, data_dir=data.data_dir or None,
-                                    seed=config.training.seed, flip=data.flip)
+    self.ds = input_pipeline.create(
+        data.dataset, data_dir=data.data_dir or None,
+        seed=config.training.seed, flip=data.flip)
     if data.vocab_size != self.ds.vocab_size:
       raise ValueError(
           f"config.data.vocab_size={data.vocab_size} but dataset "
@@ -203,34 +298,21 @@ class Trainer:
                                  self.ds.vocab_size, self.ds.num_classes)
     self.tx, self.learning_rate_fn = create_optimizer(
         config.optimizer, config.training.num_steps)
-    key_init = jax.random.key(config.training.seed)
-    init = functools.partial(create_train_state, self.model, self.tx)
-    abstract = jax.eval_shape(init, key_init)
-    self.state_sharding = parallel.state_sharding(
-        self.mesh, abstract, fsdp=config.training.fsdp)
-    self._init = jax.jit(init, out_shardings=self.state_sharding)
-    self._key_init = key_init
-    self.abstract_state = abstract
+    self._init, self.abstract_state, self.state_sharding = make_init(
+        self.model, self.tx, mesh=self.mesh, fsdp=config.training.fsdp)
+    self._key_init = jax.random.key(config.training.seed)
     self.batch_sharding = parallel.data_sharding(self.mesh)
-    repl = parallel.replicated(self.mesh)
-    base_key = jax.random.fold_in(jax.random.key(config.training.seed), 1)
-    step_fn = functools.partial(
-        train_step, model=self.model, base_key=base_key,
+    self.train_step = make_train_step(
+        self.model, seed=config.training.seed,
         ema_decay=config.optimizer.ema_decay,
         adaptive_decay=config.model.adaptive_decay,
-        learning_rate_fn=self.learning_rate_fn)
-    options = parallel.compiler_options()
-    self.train_step = jax.jit(
-        step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
-        out_shardings=(self.state_sharding, repl), donate_argnums=(0,),
-        compiler_options=options)
-    eval_fn = functools.partial(
-        eval_step, model=self.model,
-        eval_key=jax.random.key(config.training.eval_seed))
-    self.eval_step = jax.jit(
-        eval_fn, in_shardings=(self.state_sharding.ema_params,
-                               self.batch_sharding, repl),
-        out_shardings=repl, compiler_options=options)
+        learning_rate_fn=self.learning_rate_fn,
+        state_sharding=self.state_sharding, mesh=self.mesh,
+        batch_sharding=self.batch_sharding)
+    self.eval_step = make_eval_step(
+        self.model, eval_seed=config.training.eval_seed,
+        params_sharding=self.state_sharding.ema_params, mesh=self.mesh,
+        batch_sharding=self.batch_sharding)
 
   def gather(self, tree):
     """A copy of `tree` replicated on every device, so process 0 can fetch
