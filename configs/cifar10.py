@@ -20,7 +20,8 @@ def get_config():
   config.data.dataset = "cifar10"
   config.model.net = "vdm_unet"
   config.model.net_kwargs = ml_collections.ConfigDict(dict(
-      n_blocks=32, channels=128, dropout=0.1, attention=False, num_groups=32,
+      num_res_blocks=32, channels=128, dropout=0.1, attention=False,
+      num_groups=32,
       dtype="float32"))  # compute dtype: float32 | bfloat16 | float16
   config.model.schedule = "learned_linear"
   config.training.batch_size = 128

@@ -7,8 +7,8 @@ from configs import cifar10
 
 def get_config():
   config = cifar10.get_config()
-  config.model.net_kwargs.n_blocks = 2   # the paper: 32
-  config.model.net_kwargs.channels = 32  # the paper: 128
+  config.model.net_kwargs.num_res_blocks = 2  # the paper: 32
+  config.model.net_kwargs.channels = 32        # the paper: 128
   # 32 groups of 1 channel would normalise the noise embedding away.
   config.model.net_kwargs.num_groups = 8
   config.training.batch_size = 8         # fits 2 CPU cores; paper: 128

@@ -14,7 +14,7 @@ def get_config():
   config.data.vocab_size = 256           # levels per coordinate
   config.model.net = "mlp"
   config.model.net_kwargs = ml_collections.ConfigDict(dict(
-      hidden=256, num_blocks=3, dropout=0.0,
+      hidden=256, num_res_blocks=3, dropout=0.0,
       dtype="float32"))  # compute dtype: float32 | bfloat16 | float16
   config.training.batch_size = 256
   config.training.eval_batch_size = 1000

@@ -1,12 +1,15 @@
-"""Tests for vdm/nets: shapes, conditioning paths, dropout, dtypes, errors.
+"""Tests for the score networks (vdm/nets: vdm_unet, unet, mlp, `nets.get`):
+shapes, conditioning paths, dropout, dtypes, the paper's parameter count, the
+official network's function, errors. The kernels and layers have their own
+files (test_groupnorm, test_attention, test_parts, test_embeddings,
+test_layers).
 
 The nets zero-initialise their output layer and every residual branch's last
 layer (so at init each returns exactly z_t). Tests of what the output depends
-on therefore first perturb every parameter (`perturb`); otherwise gamma,
-labels and dropout could be ignored and the test would still pass.
+on therefore first perturb every parameter (`nets_util.perturb`); otherwise
+gamma, labels and dropout could be ignored and the test would still pass.
 """
 import importlib.util
-import math
 import os
 
 import jax
@@ -15,25 +18,16 @@ import numpy as np
 import pytest
 
 from vdm import nets
-from vdm.nets import layers
+import nets_util
 
 # Tiny configurations, one per net (widths divisible by num_groups=4).
 TINY = {
-    "vdm_unet": dict(channels=16, n_blocks=1, num_groups=4, dropout=0.1),
+    "vdm_unet": dict(channels=16, num_res_blocks=1, num_groups=4, dropout=0.1),
     "unet": dict(channels=8, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(4,), num_groups=4, dropout=0.1),
-    "mlp": dict(hidden=16, num_blocks=2, num_groups=2, dropout=0.1),
+    "mlp": dict(hidden=16, num_res_blocks=2, num_groups=2, dropout=0.1),
 }
 SHAPES = {"vdm_unet": (3, 8, 8, 3), "unet": (3, 8, 8, 3), "mlp": (3, 2)}
-
-
-def perturb(variables, seed, scale=0.2):
-  """Adds N(0, scale^2) to every parameter, undoing the zero inits (numpy
-  draws: eager jax.random would compile once per parameter shape)."""
-  rs = np.random.RandomState(seed)
-  return jax.tree_util.tree_map(
-      lambda x: x + jnp.asarray(scale * rs.normal(size=x.shape), x.dtype),
-      variables)
 
 
 def num_params(tree):
@@ -72,7 +66,7 @@ def tiny(request):
   net = nets.get(name, **TINY[name], num_classes=3)
   z_t = jax.random.normal(jax.random.key(0), SHAPES[name])
   initial = init_jit(net, z_t)
-  variables = perturb(initial, 2)
+  variables = nets_util.perturb(initial, 2)
   apply = jax.jit(lambda v, z, g, y, key: net.apply(
       v, z, g, y, train=True, rngs={"dropout": key}))
   apply_eval = jax.jit(lambda v, z, g, y: net.apply(v, z, g, y, train=False))
@@ -117,7 +111,8 @@ def test_mlp_on_images_is_mlp_on_flattened_vectors():
 
 
 # ------------------------------------------------- parameter count (paper)
-def _paper_unet_count(n_blocks, channels, in_channels=3, num_exponents=2):
+def _paper_unet_count(num_res_blocks, channels, in_channels=3,
+                      num_exponents=2):
   """Closed-form parameter count of the VDM paper U-Net, by hand."""
   c, e = channels, 4 * channels
   conv = lambda cin, cout: 9 * cin * cout + cout
@@ -129,30 +124,30 @@ def _paper_unet_count(n_blocks, channels, in_channels=3, num_exponents=2):
               + 2 * c * c + c)                                # + 1x1 shortcut
   attention = norm(c) + 4 * (c * c + c)                       # q, k, v, out
   out = norm(c) + conv(c, in_channels)
-  return (embedding + conv_in + (n_blocks + 2) * block
-          + (n_blocks + 1) * up_block + attention + out)
+  return (embedding + conv_in + (num_res_blocks + 2) * block
+          + (num_res_blocks + 1) * up_block + attention + out)
 
 
-@pytest.mark.parametrize("n_blocks,channels,official", [
+@pytest.mark.parametrize("num_res_blocks,channels,official", [
     (32, 128, 30_578_179),   # the paper's CIFAR-10 setting
     (2, 32, 223_555),        # the peer benchmark's `tiny` preset
 ])
-def test_vdm_unet_param_count_matches_paper_and_official(n_blocks, channels,
-                                                         official):
+def test_vdm_unet_param_count_matches_paper_and_official(num_res_blocks,
+                                                         channels, official):
   # num_groups does not change the count; 8 keeps >= 2 channels per group.
-  net = nets.get("vdm_unet", n_blocks=n_blocks, channels=channels,
+  net = nets.get("vdm_unet", num_res_blocks=num_res_blocks, channels=channels,
                  num_groups=8)
   shapes = jax.eval_shape(net.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
                           jax.ShapeDtypeStruct((1,), jnp.float32))
   count = num_params(shapes)
-  assert count == _paper_unet_count(n_blocks, channels)
+  assert count == _paper_unet_count(num_res_blocks, channels)
   # Official score model (google-research/vdm@dc27b98, bench_official.py
   # score_model_param_count): its first embedding Dense also reads a
   # conditioning scalar (always 0 for CIFAR-10): 4 * channels more weights.
   assert count == official - 4 * channels
   assert abs(count - official) / official < 0.01
-  if n_blocks == 32:
+  if num_res_blocks == 32:
     assert count == 30_577_667
 
 
@@ -184,7 +179,7 @@ def test_vdm_unet_equals_official_network_with_mapped_params(attention):
   cond = jnp.zeros(3)
   p = jax.jit(lambda key: score_unet.init(key, z_t, gamma, cond, True))(
       jax.random.key(0, impl="rbg"))["params"]
-  p = perturb(p, 5, scale=0.2)
+  p = nets_util.perturb(p, 5, scale=0.2)
   expected = jax.jit(lambda p: score_unet.apply({"params": p}, z_t, gamma,
                                                 cond, True))(p)
 
@@ -217,7 +212,8 @@ def test_vdm_unet_equals_official_network_with_mapped_params(attention):
     mapped.update({"down_attention_0": attn(p["down.attn_0"]),
                    "up_attention_0": attn(p["up.attn_0"]),
                    "up_attention_1": attn(p["up.attn_1"])})
-  net = nets.get("vdm_unet", n_blocks=1, channels=64, attention=attention)
+  net = nets.get("vdm_unet", num_res_blocks=1, channels=64,
+                 attention=attention)
   out = jax.jit(net.apply)({"params": mapped}, z_t, gamma)
   assert float(jnp.abs(expected - z_t).max()) > 0.1       # not trivially z
   # Same operations in the same order: equal up to float32 reassociation.
@@ -280,25 +276,6 @@ def test_dropout_uses_its_rng_and_is_off_in_eval(tiny):
   assert float(jnp.abs(out_eval - out_a).max()) > 1e-3
 
 
-def test_dropout_layer_keep_rate_and_scale():
-  x = jnp.ones((200, 500))
-  out = layers.Dropout(0.1).apply({}, x, deterministic=False,
-                                  rngs={"dropout": jax.random.key(0)})
-  keep = 58982 / 65536                      # round(0.9 * 2^16) / 2^16
-  kept = np.asarray(out) != 0
-  np.testing.assert_allclose(np.asarray(out)[kept], 1 / keep, rtol=1e-6)
-  # Kept fraction within 5 standard errors of keep (1e5 Bernoulli draws).
-  stderr = math.sqrt(keep * (1 - keep) / x.size)
-  assert abs(kept.mean() - keep) < 5 * stderr
-  # Independent halves of each 32-bit draw: no correlation between the
-  # two elements sharing a word (neighbours in the flattened order).
-  flat = kept.reshape(-1, 2).astype(float)
-  corr = np.corrcoef(flat[:, 0], flat[:, 1])[0, 1]
-  assert abs(corr) < 5 / math.sqrt(flat.shape[0])
-  np.testing.assert_array_equal(
-      layers.Dropout(0.1).apply({}, x, deterministic=True), x)
-
-
 # ------------------------------------------------------------------ dtype
 def test_bfloat16_compute_returns_float32_close_to_float32(tiny):
   name, net, z_t, variables, _, apply_eval, _ = tiny
@@ -320,229 +297,6 @@ def test_bfloat16_compute_returns_float32_close_to_float32(tiny):
   assert float(jnp.abs(out_16 - out_32).max()) > 0.0     # it did use bf16
 
 
-# ---------------------------------------------------------- layer maths
-def test_fourier_features_closed_form():
-  z = np.array([[-0.99, 0.0, 0.37], [0.5, 0.123, -0.25]], np.float32)
-  out = layers.fourier_features(z, min_exponent=6, max_exponent=8)
-  z64 = z.astype(np.float64)
-  args = np.stack([2 * np.pi * 2.0**n * z64 for n in (6, 7)], -1)  # [2, 3, 2]
-  expected = np.concatenate([np.sin(args).reshape(2, -1),
-                             np.cos(args).reshape(2, -1)], -1)
-  # float32 phase 2 pi 128 z: |arg| <= 800, float32 ulp there ~6e-5.
-  np.testing.assert_allclose(out, expected, atol=2e-4)
-
-
-def test_timestep_embedding_and_gamma_rescaling_closed_form():
-  gamma = np.array([-13.3, 0.0, 5.0])
-  t = layers.rescale_gamma(gamma, gamma_min=-13.3, gamma_max=5.0)
-  np.testing.assert_allclose(t, (gamma + 13.3) / 18.3 * 1000, rtol=1e-6)
-  emb = layers.timestep_embedding(t, 9)
-  freqs = np.exp(-np.log(10000.0) * np.arange(4) / 3)
-  args = np.asarray(t, np.float64)[:, None] * freqs
-  expected = np.concatenate([np.sin(args), np.cos(args), np.zeros((3, 1))], 1)
-  np.testing.assert_allclose(emb, expected, atol=5e-4)   # |args| <= 1000
-
-
-def test_group_norm_matches_numpy():
-  x = np.random.RandomState(0).normal(2.0, 3.0, (2, 4, 4, 6)).astype(
-      np.float32)
-  module = layers.GroupNorm(num_groups=3)
-  rs = np.random.RandomState(1)
-  variables = {"params": {"scale": rs.normal(size=6).astype(np.float32),
-                          "bias": rs.normal(size=6).astype(np.float32)}}
-  out = jax.jit(module.apply)(variables, x)
-  g = x.astype(np.float64).reshape(2, 4, 4, 3, 2)
-  mean = g.mean(axis=(1, 2, 4), keepdims=True)
-  var = g.var(axis=(1, 2, 4), keepdims=True)
-  expected = ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
-  p = variables["params"]
-  expected = expected * np.asarray(p["scale"]) + np.asarray(p["bias"])
-  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("shape, swish", [
-    ((2, 3, 4, 8), True), ((2, 3, 4, 8), False), ((3, 32), True)])
-def test_group_norm_gradients_match_autodiff_of_the_definition(shape, swish):
-  # The written-out backward pass against float64 autodiff of the plain
-  # two-pass definition, for the input, scale and bias; mean offset 3 (as a
-  # ResNet feature might carry) keeps the check away from the easy case.
-  rs = np.random.RandomState(7)
-  x = rs.normal(size=shape) * 2.0 + 3.0
-  scale, bias = rs.normal(size=shape[-1]), rs.normal(size=shape[-1])
-  d_out = rs.normal(size=shape)
-
-  def plain(x, scale, bias):
-    g = x.reshape(x.shape[:-1] + (4, shape[-1] // 4))
-    axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
-    mean = g.mean(axis=axes, keepdims=True)
-    var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
-    y = ((g - mean) / jnp.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
-    return jax.nn.swish(y) if swish else y
-
-  with jax.enable_x64():
-    want_out, vjp = jax.vjp(plain, x, scale, bias)
-    want = vjp(d_out)
-  fn = lambda x, s, b: layers.group_norm(x, s, b, 4, 1e-6, swish)
-  out, vjp = jax.vjp(fn, *(jnp.asarray(a, jnp.float32)
-                           for a in (x, scale, bias)))
-  got = vjp(jnp.asarray(d_out, jnp.float32))
-  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
-  # bfloat16 input: gradient in bfloat16, close to the float32 one.
-  _, vjp16 = jax.vjp(fn, jnp.asarray(x, jnp.bfloat16),
-                     *(jnp.asarray(a, jnp.float32) for a in (scale, bias)))
-  d_x16 = vjp16(jnp.asarray(d_out, jnp.float32))[0]
-  assert d_x16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(d_x16, np.float64), want[0],
-                             atol=0.05 * np.abs(want[0]).max())
-
-
-def test_channel_parts_equal_the_concatenated_input():
-  # GroupNorm (groups aligned with the parts, and not: concatenated then),
-  # Conv3x3, Dense and a whole ResnetBlock on (h, skip) against the same
-  # modules, same parameters, on concatenate([h, skip]).
-  rs = np.random.RandomState(11)
-  h = jnp.asarray(rs.normal(size=(2, 5, 6, 8)), jnp.float32)
-  skip = jnp.asarray(rs.normal(size=(2, 5, 6, 4)) * 3 + 1, jnp.float32)
-  whole = jnp.concatenate([h, skip], axis=-1)
-  for num_groups in (4, 3):                 # group size 3 straddles the parts
-    norm = layers.GroupNorm(num_groups, swish=True)
-    v = perturb(norm.init(jax.random.key(0), whole), 1)
-    got = norm.apply(v, (h, skip))
-    assert isinstance(got, tuple)
-    np.testing.assert_allclose(np.concatenate(got, -1), norm.apply(v, whole),
-                               rtol=1e-5, atol=1e-5)
-  for module in (layers.Conv3x3(7), layers.Dense(7)):
-    v = perturb(module.init(jax.random.key(0), whole), 2)
-    np.testing.assert_allclose(module.apply(v, (h, skip)),
-                               module.apply(v, whole), rtol=1e-5, atol=1e-5)
-  block = layers.ResnetBlock(8, num_groups=4)
-  emb = jnp.asarray(rs.normal(size=(2, 16)), jnp.float32)
-  v_parts = block.init(jax.random.key(3), (h, skip), emb, train=False)
-  v = block.init(jax.random.key(3), whole, emb, train=False)
-  jax.tree.map(np.testing.assert_array_equal, v_parts, v)  # same params
-  v = perturb(v, 4)
-
-  def loss(v, h, skip, parts):
-    x = (h, skip) if parts else jnp.concatenate([h, skip], axis=-1)
-    return jnp.sum(jnp.sin(block.apply(v, x, emb, train=False)))
-
-  grads = [jax.grad(loss, (0, 1, 2))(v, h, skip, parts) for parts in (1, 0)]
-  for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-    np.testing.assert_allclose(got, want, rtol=1e-4,
-                               atol=1e-4 * np.abs(want).max())
-
-
-def test_conv3x3_and_dense_initialise_as_flax():
-  # Same parameter names, shapes and initial values as flax.linen's modules:
-  # checkpoints and the official-weights mapping stay valid.
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  x = jnp.ones((1, 4, 4, 6))
-  for ours, theirs in [
-      (layers.Conv3x3(5), nn.Conv(5, (3, 3), padding="SAME")),
-      (layers.Conv3x3(5, zero_init=True),
-       nn.Conv(5, (3, 3), kernel_init=nn.initializers.zeros)),
-      (layers.Dense(5), nn.Dense(5))]:
-    a, b = ours.init(jax.random.key(7), x), theirs.init(jax.random.key(7), x)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-    np.testing.assert_allclose(ours.apply(a, x), theirs.apply(b, x),
-                               rtol=1e-6, atol=1e-6)
-
-
-def test_channel_parts_errors():
-  with pytest.raises(ValueError, match="empty tuple"):
-    layers.as_parts(())
-  with pytest.raises(ValueError, match="agree on all but the last axis"):
-    layers.as_parts((jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 5, 2))))
-  with pytest.raises(ValueError, match=r"takes \[B, H, W, C\]"):
-    layers.Conv3x3(3).init(jax.random.key(0), jnp.zeros((4, 2)))
-
-
-@pytest.mark.parametrize("num_heads", [1, 2])
-def test_attention_matches_numpy(num_heads):
-  x = np.random.RandomState(0).normal(size=(2, 3, 2, 4)).astype(np.float32)
-  module = layers.AttentionBlock(num_heads=num_heads, num_groups=2)
-  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
-  rs = np.random.RandomState(num_heads)
-  variables = jax.tree_util.tree_map(
-      lambda a: rs.normal(size=a.shape).astype(np.float32), shapes)
-  out = jax.jit(module.apply)(variables, x)
-  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
-                             variables["params"])
-  g = x.astype(np.float64).reshape(2, 6, 2, 2)             # [B, L, G, C/G]
-  g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(
-      g.var((1, 3), keepdims=True) + 1e-6)
-  h = g.reshape(2, 6, 4) * p["norm"]["scale"] + p["norm"]["bias"]
-  qkv = h @ p["qkv"]["kernel"] + p["qkv"]["bias"]             # [B, L, 3 C]
-  q, k, v = np.split(qkv, 3, axis=-1)
-  d = 4 // num_heads
-  heads = []
-  for n in range(num_heads):
-    s = slice(n * d, (n + 1) * d)
-    logits = q[..., s] @ np.swapaxes(k[..., s], 1, 2) / np.sqrt(d)
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    heads.append((w / w.sum(-1, keepdims=True)) @ v[..., s])
-  attn = np.concatenate(heads, -1) @ p["proj_out"]["kernel"]
-  expected = x + (attn + p["proj_out"]["bias"]).reshape(x.shape)
-  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype,query_chunk", [
-    (jnp.float32, None), (jnp.float32, 3), (jnp.float32, 4),
-    (jnp.bfloat16, None), (jnp.bfloat16, 6)])
-def test_spatial_attention_gradient_matches_autodiff_of_the_definition(
-    dtype, query_chunk):
-  # The hand-written, query-chunked backward pass against float64 autodiff
-  # of softmax(q k^T) v written plainly over flattened positions (12
-  # positions: one chunk by default, else 4, 3 or 2 chunks).
-  rs = np.random.RandomState(5)
-  shape = (2, 2, 3, 4, 5)                                   # [B, N, H, W, D]
-  q, k, v, d_out = (rs.normal(size=shape) for _ in range(4))
-
-  def plain(q, k, v):
-    flat = lambda a: a.reshape(2, 2, 12, 5)
-    w = jax.nn.softmax(flat(q) @ jnp.swapaxes(flat(k), -1, -2), axis=-1)
-    return (w @ flat(v)).reshape(shape)
-
-  with jax.enable_x64():
-    want_out, vjp = jax.vjp(plain, q, k, v)
-    want = vjp(d_out)
-  args = [jnp.asarray(a, dtype) for a in (q, k, v)]
-  out, vjp = jax.vjp(
-      lambda q, k, v: layers.spatial_attention(q, k, v, query_chunk), *args)
-  grads = vjp(jnp.asarray(d_out, dtype))
-  tol = 1e-5 if dtype == jnp.float32 else 3e-2
-  assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
-  np.testing.assert_allclose(np.asarray(out, np.float64), want_out, rtol=tol,
-                             atol=tol)
-  for got, expected in zip(grads, want):
-    np.testing.assert_allclose(np.asarray(got, np.float64), expected,
-                               rtol=tol, atol=tol * np.abs(expected).max())
-
-
-def test_query_chunk_size_divides_and_bad_inputs_raise():
-  assert layers.query_chunk_size(1024) == 128             # 8 steps at 32x32
-  assert layers.query_chunk_size(256) == 256              # one step at 16x16
-  assert layers.query_chunk_size(64) == 64
-  assert layers.query_chunk_size(784) == 98               # 28x28 MNIST
-  assert layers.query_chunk_size(49) == 49
-  # Accelerators: one step up to 1024 rows, then the largest divisor.
-  for backend in ("gpu", "tpu"):
-    assert layers.query_chunk_size(1024, backend) == 1024
-    assert layers.query_chunk_size(4096, backend) == 1024   # 64x64: 4 steps
-    assert layers.query_chunk_size(784, backend) == 784
-    assert layers.query_chunk_size(1156, backend) == 578     # 34x34
-  assert layers.query_chunk_size(1024, "cpu") == 128
-  with pytest.raises(ValueError, match="0 positions"):
-    layers.query_chunk_size(0)
-  q = jnp.zeros((1, 1, 3, 4, 2))
-  with pytest.raises(ValueError, match="must divide the 12 positions"):
-    layers.spatial_attention(q, q, q, 5)
-  with pytest.raises(ValueError, match="one shape"):
-    layers.spatial_attention(q, q[..., :1], q)
-
-
 # ----------------------------------------------------------------- errors
 def _init(net, shape):
   # Errors are raised while tracing: eval_shape compiles nothing.
@@ -560,9 +314,11 @@ def _init(net, shape):
     (lambda: nets.get("unet", **{**TINY["unet"],
                                  "attention_resolutions": (16,)}),
      (1, 8, 8, 1), ValueError, r"\[16\], which no level has.*\[8, 4\]"),
-    (lambda: nets.get("vdm_unet", channels=24, n_blocks=1), (1, 8, 8, 3),
+    (lambda: nets.get("vdm_unet", channels=24, num_res_blocks=1),
+     (1, 8, 8, 3),
      ValueError, r"24 channels are not divisible by num_groups=32"),
-    (lambda: nets.get("vdm_unet", channels=32, n_blocks=1), (1, 8, 8, 3),
+    (lambda: nets.get("vdm_unet", channels=32, num_res_blocks=1),
+     (1, 8, 8, 3),
      ValueError, r"one channel per group.*use num_groups <= 16"),
     (lambda: nets.get("unet", **{**TINY["unet"], "channels": 6}),
      (1, 8, 8, 3), ValueError, r"6 channels are not divisible by num_groups=4"),
@@ -598,6 +354,23 @@ def test_unknown_net_field():
     nets.get("mlp", hiden=3)
 
 
+@pytest.mark.parametrize("name,old", [("vdm_unet", "n_blocks"),
+                                      ("mlp", "num_blocks")])
+def test_old_block_count_names_say_the_new_one(name, old):
+  with pytest.raises(TypeError, match=f"{old!r} is now called "
+                     "'num_res_blocks'"):
+    nets.get(name, **{old: 2})
+
+
+def test_backend_is_resolved_when_the_net_is_built():
+  # None -> the default backend at build time, kept as a field (nothing
+  # reads it while tracing); an explicit one is kept; the MLP has none.
+  assert nets.get("vdm_unet").backend == jax.default_backend()
+  assert nets.get("unet", backend="gpu").backend == "gpu"
+  assert "backend" not in nets.MLP.__dataclass_fields__
+  assert nets.get("mlp", backend="gpu").hidden == nets.MLP.hidden
+
+
 def test_call_errors():
   # Raised while tracing: eval_shape compiles nothing.
   net, z_t, variables = make("mlp")
@@ -615,14 +388,3 @@ def test_call_errors():
     apply(0.0, jnp.zeros((3, 1), jnp.int32))
 
 
-def test_check_labels():
-  nets.check_labels(np.array([0, 1, 9]), 10)
-  nets.check_labels(None, 0)
-  with pytest.raises(ValueError, match=r"\[0, 10\); got 2 outside, e.g. "
-                     r"\[10, -1\]"):
-    nets.check_labels(np.array([0, 10, 3, -1]), 10)
-  with pytest.raises(TypeError, match="labels must be integers; got dtype "
-                     "float32"):
-    nets.check_labels(np.zeros(3, np.float32), 10)
-  with pytest.raises(ValueError, match=r"num_classes=0"):
-    nets.check_labels(np.zeros(3, np.int32), 0)

@@ -8,10 +8,13 @@ et al. 2018, arXiv:1709.07871). Image inputs [B, H, W, C] are flattened to
 """
 from typing import Optional
 
+from flax import typing as flax_typing
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm.nets import embeddings
+from vdm.nets import groupnorm
 from vdm.nets import layers
 
 
@@ -20,7 +23,7 @@ class _ResidualBlock(nn.Module):
   hidden: int
   dropout: float
   num_groups: int
-  dtype: Optional[layers.Dtype]
+  dtype: Optional[flax_typing.Dtype]
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, *,
@@ -43,7 +46,7 @@ class MLP(nn.Module):
 
   Attributes:
     hidden: width of the residual stream and of the embedding.
-    num_blocks: residual blocks.
+    num_res_blocks: residual blocks.
     dropout: drop rate inside the blocks.
     num_groups: GroupNorm groups over features (1 = LayerNorm).
     fourier_features: concatenate Fourier features of z_t to the input (for
@@ -56,7 +59,7 @@ class MLP(nn.Module):
     dtype: compute dtype (None = float32); params and output are float32.
   """
   hidden: int = 256
-  num_blocks: int = 3
+  num_res_blocks: int = 3
   dropout: float = 0.0
   num_groups: int = 1
   fourier_features: bool = False
@@ -66,7 +69,7 @@ class MLP(nn.Module):
   gamma_min: float = -13.3
   gamma_max: float = 5.0
   z_skip: bool = True
-  dtype: Optional[layers.Dtype] = None
+  dtype: Optional[flax_typing.Dtype] = None
 
   @nn.compact
   def __call__(self, z_t: jax.typing.ArrayLike, gamma_t: jax.typing.ArrayLike,
@@ -86,29 +89,29 @@ class MLP(nn.Module):
     if z_in.ndim < 2:
       raise ValueError(f"MLP takes z_t of shape [B, D] or [B, ...]; got shape "
                        f"{z_in.shape}.")
-    if self.num_blocks < 0 or self.hidden < 1:
-      raise ValueError(f"need num_blocks >= 0 and hidden >= 1; got "
-                       f"num_blocks={self.num_blocks}, "
+    if self.num_res_blocks < 0 or self.hidden < 1:
+      raise ValueError(f"need num_res_blocks >= 0 and hidden >= 1; got "
+                       f"num_res_blocks={self.num_res_blocks}, "
                        f"hidden={self.hidden}.")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
-    layers.check_group_divisibility(self.hidden, self.num_groups, "MLP")
+    groupnorm.check_group_divisibility(self.hidden, self.num_groups, "MLP")
     z = z_in.reshape(z_in.shape[0], -1)                      # [B, D]
-    gamma, labels = layers.prepare_conditioning(
+    gamma, labels = embeddings.prepare_conditioning(
         z, gamma_t, labels, num_classes=self.num_classes)
-    emb = layers.NoiseLabelEmbedding(
+    emb = embeddings.NoiseLabelEmbedding(
         self.hidden, self.hidden, num_classes=self.num_classes,
         gamma_min=self.gamma_min, gamma_max=self.gamma_max, dtype=self.dtype,
         name="embedding")(gamma, labels)                      # [B, F]
 
     h = z
     if self.fourier_features:
-      h = jnp.concatenate([z, layers.fourier_features(
+      h = jnp.concatenate([z, embeddings.fourier_features(
           z, min_exponent=self.fourier_min, max_exponent=self.fourier_max)],
                           axis=-1)
     h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
                  name="dense_in")(h.astype(self.dtype or jnp.float32))
-    for i in range(self.num_blocks):
+    for i in range(self.num_res_blocks):
       h = _ResidualBlock(self.hidden, self.dropout, self.num_groups,
                          self.dtype, name=f"block_{i}")(h, emb, train=train)
     h = layers.GroupNorm(self.num_groups, swish=True, dtype=self.dtype,

@@ -17,11 +17,15 @@ Output convention as `VDMUNet`: eps_hat = z_t + conv_out(h) when `z_skip`.
 """
 from typing import Optional, Sequence
 
+from flax import typing as flax_typing
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm.nets import embeddings
+from vdm.nets import groupnorm
 from vdm.nets import layers
+from vdm.nets import parts
 
 
 class UNet(nn.Module):
@@ -46,6 +50,8 @@ class UNet(nn.Module):
     gamma_min, gamma_max: gamma range mapped to [0, 1000] for the embedding.
     z_skip: add z_t to the output.
     dtype: compute dtype (None = float32); params and output are float32.
+    backend: the backend it is compiled for, which picks the attention's
+      query chunking (`layers.AttentionBlock`); `nets.get` sets it.
   """
   channels: int = 128
   channel_mult: Sequence[int] = (1, 2, 2)
@@ -61,7 +67,8 @@ class UNet(nn.Module):
   gamma_min: float = -13.3
   gamma_max: float = 5.0
   z_skip: bool = True
-  dtype: Optional[layers.Dtype] = None
+  dtype: Optional[flax_typing.Dtype] = None
+  backend: Optional[str] = None
 
   def _check(self, z_t: jax.Array) -> None:
     if z_t.ndim != 4:
@@ -79,8 +86,8 @@ class UNet(nn.Module):
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
     for m in sorted(set(mults)):
-      layers.check_group_divisibility(self.channels * m, self.num_groups,
-                                      f"UNet level width channels * {m}")
+      groupnorm.check_group_divisibility(self.channels * m, self.num_groups,
+                                         f"UNet level width channels * {m}")
     height, width = z_t.shape[1:3]
     factor = 2 ** (num_levels - 1)
     if height % factor or width % factor:
@@ -117,9 +124,9 @@ class UNet(nn.Module):
     """
     z = jnp.asarray(z_t, jnp.float32)
     self._check(z)
-    gamma, labels = layers.prepare_conditioning(
+    gamma, labels = embeddings.prepare_conditioning(
         z, gamma_t, labels, num_classes=self.num_classes)
-    emb = layers.NoiseLabelEmbedding(
+    emb = embeddings.NoiseLabelEmbedding(
         self.channels, 4 * self.channels, num_classes=self.num_classes,
         gamma_min=self.gamma_min, gamma_max=self.gamma_max, dtype=self.dtype,
         name="embedding")(gamma, labels)                      # [B, 4 C]
@@ -127,17 +134,18 @@ class UNet(nn.Module):
 
     h = z
     if self.fourier_features:
-      h = jnp.concatenate([z, layers.fourier_features(
+      h = jnp.concatenate([z, embeddings.fourier_features(
           z, min_exponent=self.fourier_min, max_exponent=self.fourier_max)],
                           axis=-1)
-    h = layers.conv3x3(self.channels, self.dtype, "conv_in")(
+    h = parts.conv3x3(self.channels, self.dtype, "conv_in")(
         h.astype(compute_dtype))
 
     block = lambda name, out: layers.ResnetBlock(
         out, dropout=self.dropout, num_groups=self.num_groups,
         scale_shift=True, dtype=self.dtype, name=name)
     attention = lambda name: layers.AttentionBlock(
-        self.num_heads, self.num_groups, dtype=self.dtype, name=name)
+        self.num_heads, self.num_groups, dtype=self.dtype,
+        backend=self.backend, name=name)
     last = len(self.channel_mult) - 1
     attend = lambda level: (min(z.shape[1:3]) // 2 ** level
                             in self.attention_resolutions)
@@ -170,10 +178,10 @@ class UNet(nn.Module):
           h = attention(f"up_{level}_{i}_attention")(h)
       if level != 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest x2
-        h = layers.conv3x3(h.shape[-1], self.dtype, f"upsample_{level}")(h)
+        h = parts.conv3x3(h.shape[-1], self.dtype, f"upsample_{level}")(h)
 
     h = layers.GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
                          name="norm_out")(h)
-    out = layers.conv3x3(z.shape[-1], self.dtype, "conv_out",
-                         zero_init=True)(h).astype(jnp.float32)
+    out = parts.conv3x3(z.shape[-1], self.dtype, "conv_out",
+                        zero_init=True)(h).astype(jnp.float32)
     return out + z if self.z_skip else out
