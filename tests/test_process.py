@@ -179,10 +179,14 @@ def test_check_per_example_and_same_shape():
     process.check_same_shape("eps", jnp.zeros((4, 2)), "f", f)
 
 
-def test_check_logsnr_range_and_is_concrete():
+def test_check_ranges_and_is_concrete():
   process.check_logsnr_range(-1.0, 1.0)
   with pytest.raises(ValueError, match=r"lam_min=2\.0 must be < lam_max=1\.0"):
     process.check_logsnr_range(2.0, 1.0)
+  process.check_gamma_range(-13.3, 5.0)
+  with pytest.raises(ValueError, match=r"gamma_min=5\.0 must be < gamma_max="
+                     r"1\.0 .*swap them"):
+    process.check_gamma_range(5.0, 1.0)
   assert process.is_concrete(1.0, jnp.ones(2))
   seen = []
   jax.jit(lambda x: seen.append(process.is_concrete(x)) or x)(1.0)

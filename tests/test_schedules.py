@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vdm import adaptive
+from vdm import learned_schedules
 from vdm import schedules
 
 T_GRID = np.linspace(0.0, 1.0, 2001, dtype=np.float32)
@@ -276,9 +277,10 @@ def test_monotone_shape_exact_even_if_rows_round_differently(monkeypatch):
   # On CPU g(0) comes out bit-identical at every batch row, so simulate a
   # backend where it does not: offset each row of g by its position.
   net, params, _ = _learned("monotone")
-  original = schedules._MonotoneShapeNet.__call__
+  original = learned_schedules._MonotoneShapeNet.__call__
   jitter = lambda self, t: original(self, t) + 1e-3 * jnp.arange(t.shape[0])
-  monkeypatch.setattr(schedules._MonotoneShapeNet, "__call__", jitter)
+  monkeypatch.setattr(learned_schedules._MonotoneShapeNet, "__call__",
+                      jitter)
   t = jnp.array([0.0, 0.5, 1.0])
   shape_fn = lambda s: net.apply({"params": params}, s, method="shape")
   shape, dshape = jax.jvp(shape_fn, (t,), (jnp.ones_like(t),))
@@ -312,7 +314,7 @@ def test_monotone_derivative_matches_finite_difference():
     (lambda: schedules.LearnedLinear(gamma_min=5.0, gamma_max=1.0),
      r"gamma_min=5.0 must be < gamma_max=1.0"),
     (lambda: schedules.MonotoneNet(num_features=0),
-     r"num_features=0 must be >= 1"),
+     r"num_features must be >= 1; got 0"),
 ])
 def test_learned_errors(make, match):
   with pytest.raises(ValueError, match=match):

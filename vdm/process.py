@@ -105,6 +105,16 @@ def check_logsnr_range(lam_min, lam_max) -> None:
         "pass a log-SNR range with lam_min below lam_max (e.g. -15.0, 15.0).")
 
 
+def check_gamma_range(gamma_min, gamma_max) -> None:
+  """Raises ValueError unless gamma_min < gamma_max (skipped when traced)."""
+  if is_concrete(gamma_min, gamma_max) and not float(gamma_min) < float(
+      gamma_max):
+    raise ValueError(
+        f"gamma_min={float(gamma_min)!r} must be < gamma_max="
+        f"{float(gamma_max)!r} (gamma = -logsnr increases from t=0 to t=1); "
+        "swap them or pick e.g. gamma_min=-13.3, gamma_max=5.0.")
+
+
 def check_same_shape(name_a: str, a: jax.Array, name_b: str,
                      b: jax.Array) -> None:
   """Raises ValueError unless `a` and `b` (e.g. eps and f) have one shape."""
