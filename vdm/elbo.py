@@ -21,7 +21,7 @@ References:
     Augmentation. https://arxiv.org/abs/2303.00848, 2023.
 """
 import math
-from typing import Callable, Union
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,8 @@ from vdm import decoder
 from vdm import process
 from vdm import weighting as weighting_lib
 
-WeightingArg = Union[None, str, Callable[[jax.Array], jax.Array]]
+# None (the ELBO), a name for `weighting.get`, or w(logsnr).
+WeightingArg = Union[None, str, weighting_lib.WeightFn]
 
 # The forward process lives in `vdm.process`; `elbo.diffuse` is its name in
 # DESIGN's API.
