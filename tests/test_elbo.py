@@ -633,8 +633,8 @@ def test_errors_raise_under_jit():
 
 
 def test_math_modules_import_no_training_or_io():
-  code = ("import sys, vdm.elbo, vdm.weighting; print([m for m in "
-          "('flax', 'optax', 'orbax', 'tensorflow', 'tensorflow_datasets') "
+  code = ("import sys, vdm.elbo, vdm.process, vdm.weighting; print([m for m "
+          "in ('flax', 'optax', 'orbax', 'tensorflow', 'tensorflow_datasets') "
           "if m in sys.modules])")
   out = subprocess.check_output([sys.executable, "-c", code], text=True)
   assert out.strip() == "[]"

@@ -27,8 +27,10 @@ Conditioning of the conversions (first-order error amplification, float32):
 
 Also here, because every layer uses them: the callable types `GammaFn` and
 `EpsFn`, the per-example broadcast `per_example`, and the argument checks
-(`check_int`, `check_same_shape`, `check_per_example`), which run in plain
-Python on static values at trace time.
+(`check_int`, the one integer check of the library; `check_same_shape`,
+`check_per_example`, `check_logsnr_range`, `check_gamma_range`), which run in
+plain Python on static values at trace time (`is_concrete` says when a value
+can be checked).
 """
 import operator
 from typing import Callable, Optional
@@ -107,8 +109,8 @@ def check_logsnr_range(lam_min, lam_max) -> None:
 
 def check_gamma_range(gamma_min, gamma_max) -> None:
   """Raises ValueError unless gamma_min < gamma_max (skipped when traced)."""
-  if is_concrete(gamma_min, gamma_max) and not float(gamma_min) < float(
-      gamma_max):
+  if is_concrete(gamma_min, gamma_max) and not (float(gamma_min)
+                                                < float(gamma_max)):
     raise ValueError(
         f"gamma_min={float(gamma_min)!r} must be < gamma_max="
         f"{float(gamma_max)!r} (gamma = -logsnr increases from t=0 to t=1); "
