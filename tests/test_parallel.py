@@ -105,7 +105,8 @@ def test_make_mesh_sizes(num_devices, expected):
 @pytest.mark.parametrize("num_devices, error, match", [
     (0, ValueError, r"num_devices=0 must lie in \[1, 8\]"),
     (9, ValueError, r"num_devices=9 must lie in \[1, 8\]"),
-    (2.0, TypeError, r"num_devices must be an int or None; got 2.0"),
+    (2.0, TypeError, r"num_devices must be an int; got 2\.0 .*None to use "
+                     r"every device"),
 ])
 def test_make_mesh_errors(num_devices, error, match):
   with pytest.raises(error, match=match):
@@ -162,7 +163,7 @@ def test_shard_batch_errors(batch, match):
     (12, ValueError, r"global batch size 12 is not divisible by the device "
                      r"count 8 .*multiple of 8, e\.g\. 8 or 16"),
     (4, ValueError, r"global batch size 4 .* device count 8 .*e\.g\. 8\.$"),
-    (0, ValueError, r"batch size must be positive; got 0"),
+    (0, ValueError, r"batch size must be >= 1; got 0"),
     (16.0, TypeError, r"batch size must be an int; got 16\.0"),
 ])
 def test_check_batch_size_errors(size, error, match):

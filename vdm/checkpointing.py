@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vdm import parallel
+from vdm import process
 
 PyTree = Any
 
@@ -155,11 +156,9 @@ class Manager:
         or NaN value ranks worst.
       async_save: write files in a background thread.
     """
-    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int):
-      raise TypeError(f"max_to_keep must be an int; got {max_to_keep!r}.")
-    if max_to_keep < 1:
-      raise ValueError(f"max_to_keep must be >= 1; got {max_to_keep}. "
-                       "Keep at least the newest checkpoint.")
+    max_to_keep = process.check_int(
+        "max_to_keep", max_to_keep, minimum=1,
+        hint="Keep at least the newest checkpoint.")
     directory = os.fspath(directory)
     if "://" not in directory:
       directory = os.path.abspath(directory)

@@ -41,6 +41,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from vdm import process
+
 DATA_AXIS = "data"
 
 # Environment variables read by `initialize_distributed` (explicit setup, e.g.
@@ -170,9 +172,8 @@ def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
   total = jax.device_count()
   if num_devices is None:
     num_devices = total
-  if isinstance(num_devices, bool) or not isinstance(num_devices, int):
-    raise TypeError(f"num_devices must be an int or None; got "
-                    f"{num_devices!r}.")
+  num_devices = process.check_int("num_devices", num_devices,
+                                  hint="Pass None to use every device.")
   if not 1 <= num_devices <= total:
     raise ValueError(f"num_devices={num_devices} must lie in [1, {total}] "
                      f"(the devices this run sees); pass None to use all.")
@@ -269,13 +270,12 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, *,
     ValueError: not positive, or not divisible by the number of processes or
       by the number of devices in the mesh.
   """
-  if isinstance(global_batch_size, bool) or not isinstance(
-      global_batch_size, (int, np.integer)):
-    raise TypeError(f"batch size must be an int; got {global_batch_size!r}.")
+  global_batch_size = process.check_int(
+      "batch size", global_batch_size, minimum=1,
+      hint="Set config.training.batch_size to a positive multiple of the "
+      "device count.")
   num_processes = jax.process_count()
   num_devices = mesh.size
-  if global_batch_size <= 0:
-    raise ValueError(f"batch size must be positive; got {global_batch_size}.")
 
   def multiples(n):  # the multiples of n nearest the requested size
     below = global_batch_size // n * n
