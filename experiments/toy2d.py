@@ -34,7 +34,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import toy2d  # pylint: disable=wrong-import-position
 from vdm import elbo  # pylint: disable=wrong-import-position
-from vdm import main as main_lib  # pylint: disable=wrong-import-position
+from vdm import process  # pylint: disable=wrong-import-position
 from vdm import sampling  # pylint: disable=wrong-import-position
 from vdm import train  # pylint: disable=wrong-import-position
 
@@ -61,7 +61,7 @@ def main():
   if result:
     print(f"toy2d test bpd: {result['bpd']:.4f}")
   trainer = train.Trainer(config)
-  state, _ = main_lib.restore_for_inference(trainer, args.workdir)
+  state, _ = train.restore_for_inference(trainer, args.workdir)
   params = jax.device_get(state.ema_params)
   model = trainer.model
   gamma_fn = model.gamma_fn(params)
@@ -93,8 +93,7 @@ def main():
   fig, axes = plt.subplots(1, len(times), figsize=(2.4 * len(times), 2.6))
   for ax, t in zip(axes, times):
     gamma_t = jnp.full((f_data.shape[0],), gamma_fn(jnp.asarray(t)))
-    z_t = np.asarray(elbo.diffuse(jnp.asarray(f_data), gamma_t,
-                                  jnp.asarray(eps)))
+    z_t = np.asarray(process.diffuse(f_data, gamma_t, eps))
     ax.scatter(z_t[:, 0], z_t[:, 1], s=1)
     _square(ax, f"t={t}, log SNR={-float(gamma_t[0]):.1f}")
   fig.savefig(os.path.join(out, "forward.png"), dpi=120, bbox_inches="tight")
@@ -126,12 +125,12 @@ def main():
   lin = np.linspace(-1.5, 1.5, 21)
   zz = np.stack(np.meshgrid(lin, lin), -1).reshape(-1, 2).astype(np.float32)
   gamma_t = jnp.full((zz.shape[0],), gamma_fn(jnp.asarray(t_view)))
-  alpha_t = jnp.sqrt(jax.nn.sigmoid(-gamma_t))[:, None]
-  sigma_t = jnp.sqrt(jax.nn.sigmoid(gamma_t))[:, None]
+  alpha_t, sigma_t = (np.asarray(a)[:, None]
+                      for a in process.alpha_sigma(gamma_t))
   eps_hat = np.asarray(eps_fn(jnp.asarray(zz), gamma_t))
-  x_hat = np.asarray((zz - sigma_t * eps_hat) / alpha_t)
-  score = -eps_hat / np.asarray(sigma_t)
-  x_tweedie = np.asarray((zz + np.asarray(sigma_t) ** 2 * score) / alpha_t)
+  x_hat = np.asarray(process.eps_to_x(eps_hat, zz, gamma_t))
+  score = -eps_hat / sigma_t
+  x_tweedie = (zz + sigma_t ** 2 * score) / alpha_t
   gap = float(np.max(np.abs(x_tweedie - x_hat)))
   fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
   axes[0].quiver(zz[:, 0], zz[:, 1], x_hat[:, 0] - zz[:, 0],

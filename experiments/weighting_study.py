@@ -77,11 +77,10 @@ import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import mnist5k_weighting  # pylint: disable=wrong-import-position
-from vdm import checkpointing  # pylint: disable=wrong-import-position
-from vdm import elbo  # pylint: disable=wrong-import-position
-from vdm import evaluate  # pylint: disable=wrong-import-position
 from vdm import frechet  # pylint: disable=wrong-import-position
+from vdm import generation  # pylint: disable=wrong-import-position
 from vdm import input_pipeline  # pylint: disable=wrong-import-position
+from vdm import reporting  # pylint: disable=wrong-import-position
 from vdm import schedules  # pylint: disable=wrong-import-position
 from vdm import train  # pylint: disable=wrong-import-position
 from vdm import weighting  # pylint: disable=wrong-import-position
@@ -119,7 +118,7 @@ def base_config(dataset: str, steps: int,
     config.data.vocab_size = 17
     config.model.net = "mlp"
     config.model.net_kwargs = ml_collections.ConfigDict(
-        dict(hidden=256, num_blocks=2, dropout=0.0))
+        dict(hidden=256, num_res_blocks=2, dropout=0.0))
     config.training.batch_size = 64
     # The log-SNR range [-10, 7.5] that a pilot ELBO run with the learned
     # linear schedule settled on (gamma_0 -7.54, gamma_1 9.76 after 3000
@@ -163,17 +162,6 @@ def snapshot_steps(steps: int) -> list[int]:
                  for f in NUM_SNAPSHOTS_FRACTIONS})
 
 
-def restore(trainer: train.Trainer, workdir: str):
-  ckpt = checkpointing.Manager(os.path.join(workdir, "checkpoints"),
-                               async_save=False)
-  restored = ckpt.restore_latest(trainer.init_state())
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints.")
-  state, _, step = restored
-  return jax.device_get(state), step
-
-
 def trained_to(workdir: str, step: int) -> bool:
   """Whether a run reached `step` and wrote its final eval there."""
   return os.path.exists(os.path.join(workdir, "eval", f"test_{step}.json"))
@@ -201,7 +189,8 @@ def train_run(config, workdir: str, adaptive: bool) -> float:
     if not trained_to(workdir, end):
       train.train_and_evaluate(segment, workdir)
     trainer = trainer or train.Trainer(config)
-    state, step = restore(trainer, workdir)
+    state, step = train.restore_for_inference(trainer, workdir)
+    state = jax.device_get(state)
     if step != end:
       raise RuntimeError(f"{workdir}: expected a checkpoint at step {end}, "
                          f"found {step}; remove the workdir and rerun.")
@@ -209,39 +198,19 @@ def train_run(config, workdir: str, adaptive: bool) -> float:
   return time.time() - start
 
 
-def loss_vs_logsnr(model, params, images: np.ndarray) -> np.ndarray:
-  """E||eps - eps_hat||^2 per dim at every lambda of LAM_LOSS ([L]); the
-  test images, one fixed eps per lambda."""
-  x = jnp.asarray(images, jnp.int32)
-  f = elbo.encode(x, model.vocab_size)
-  eps_fn = model.eps_fn(params)
-
-  @jax.jit
-  def mse(lam_grid):
-    def one(args):
-      lam, key = args
-      eps = jax.random.normal(key, f.shape)
-      gamma = jnp.full((f.shape[0],), -lam)
-      z_t = elbo.diffuse(f, gamma, eps)
-      return jnp.mean(jnp.square(eps - eps_fn(z_t, gamma)))
-    keys = jax.random.split(jax.random.key(0), lam_grid.shape[0])
-    return jax.lax.map(one, (lam_grid, keys))
-
-  return np.asarray(mse(jnp.asarray(LAM_LOSS, jnp.float32)), np.float64)
-
-
 def finish_run(name: str, config, workdir: str, args, extractor,
                test_images: np.ndarray, train_seconds: float,
                run_start: float) -> dict:
   """Eval JSON, samples, Frechet distance, loss-vs-lambda -> result.json."""
   trainer = train.Trainer(config)
-  state, step = restore(trainer, workdir)
+  state, step = train.restore_for_inference(trainer, workdir)
+  state = jax.device_get(state)
   eval_path = os.path.join(workdir, "eval", f"test_{step}.json")
   with open(eval_path) as f:
     record = json.load(f)
   model = trainer.model
   params = state.ema_params
-  sampler = evaluate.make_sampler(
+  sampler = generation.make_sampler(
       model, sampler="ancestral", num_steps=args.sampling_steps,
       num_samples=args.num_samples, decode="argmax", clip_x=True)
   t0 = time.time()
@@ -249,7 +218,7 @@ def finish_run(name: str, config, workdir: str, args, extractor,
   samples = np.asarray(jax.device_get(samples))
   sample_seconds = time.time() - t0
   np.savez_compressed(os.path.join(workdir, "samples.npz"), samples=samples)
-  evaluate.save_png(evaluate.image_grid(evaluate.to_uint8(
+  reporting.save_png(reporting.image_grid(reporting.to_uint8(
       samples[:64], model.vocab_size)), os.path.join(workdir, "samples.png"))
   fd = frechet.frechet_distance_features(extractor.features(samples),
                                          extractor.features(test_images))
@@ -267,7 +236,9 @@ def finish_run(name: str, config, workdir: str, args, extractor,
       "sample_seconds": round(sample_seconds, 1),
       "gamma_0": gamma_0, "gamma_1": gamma_1,
       "loss_logsnr": LAM_LOSS.tolist(),
-      "eps_mse_per_dim": loss_vs_logsnr(model, params, test_images).tolist(),
+      "eps_mse_per_dim": reporting.loss_vs_logsnr(
+          model, params, test_images, None, LAM_LOSS,
+          jax.random.key(0)).tolist(),
   }
   result["run_seconds"] = round(time.time() - run_start, 1)   # all of it
   with open(os.path.join(workdir, "result.json"), "w") as f:
@@ -468,8 +439,8 @@ def plot_samples(path: str, out: str, names: list[str], vocab_size: int):
   fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.55 * len(rows) + 0.2),
                            squeeze=False)
   for ax, (name, x) in zip(axes[:, 0], rows):
-    grid = evaluate.image_grid(evaluate.to_uint8(x, vocab_size),
-                               num_cols=x.shape[0])
+    grid = reporting.image_grid(reporting.to_uint8(x, vocab_size),
+                                num_cols=x.shape[0])
     ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255)
     ax.set_xticks([])
     ax.set_yticks([])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 from absl import app
 from absl import flags
@@ -25,9 +24,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from vdm import checkpointing
 from vdm import config_lib
 from vdm import evaluate
+from vdm import generation
 from vdm import input_pipeline
 from vdm import parallel
 from vdm import runtime
@@ -50,20 +49,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 # demo: EM over 4,000 x 784 x 256 takes minutes): a 100-component EM mixture
 # of per-pixel categoricals.
 MNIST5K_MIXTURE100_BPD = 1.692
-
-
-def restore_for_inference(trainer: train.Trainer, workdir: str):
-  """The newest valid checkpoint's state, or a clear error if none."""
-  directory = os.path.join(workdir, "checkpoints")
-  ckpt = checkpointing.Manager(directory, async_save=False)
-  restored = ckpt.restore_latest(trainer.init_state())
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(
-        f"no checkpoint in {directory}; train first: python -m vdm.main "
-        f"--config=... --workdir={workdir}")
-  state, _, step = restored
-  return state, step
 
 
 def print_summary(ds, config, result: dict, workdir: str):
@@ -110,7 +95,7 @@ def main(argv):
       print_summary(ds, config, result, workdir)
     return
   trainer = train.Trainer(config)
-  state, step = restore_for_inference(trainer, workdir)
+  state, step = train.restore_for_inference(trainer, workdir)
   if _MODE.value == "eval":
     result = trainer.evaluate(state.ema_params, split=_SPLIT.value)
     if parallel.is_main_process():
@@ -121,7 +106,9 @@ def main(argv):
   else:
     params = trainer.gather(state.ema_params)   # on every process (FSDP)
     if parallel.is_main_process():
-      path = evaluate.write_samples(trainer, params, workdir, step)
+      path = generation.write_samples(
+          trainer.model, params, workdir, step,
+          generation.SamplingOptions.from_config(config.sampling))
       print(f"wrote {path}")
 
 

@@ -34,9 +34,11 @@ import optax
 from vdm import checkpointing
 from vdm import config_lib
 from vdm import evaluate
+from vdm import generation
 from vdm import input_pipeline
 from vdm import model as model_lib
 from vdm import parallel
+from vdm import reporting
 from vdm import runtime
 
 
@@ -384,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   ckpt = checkpointing.Manager(
       os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
       keep_best=True, best_metric="bpd")
-  writer = evaluate.MetricWriter(workdir, enabled=main_process)
+  writer = reporting.MetricWriter(workdir, enabled=main_process)
   # Closing the manager waits for in-flight async saves, also when a
   # non-finite loss (or any error) stops the run: the last good checkpoint is
   # always complete on disk before the exception leaves this function.
@@ -393,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
 
 def _train_loop(trainer: Trainer, workdir: str, ckpt: checkpointing.Manager,
-                writer: evaluate.MetricWriter) -> dict:
+                writer: reporting.MetricWriter) -> dict:
   cfg = trainer.config.training
   main_process = parallel.is_main_process()
   # Restore or init: 1) fresh state with the final shardings; 2) replace it
@@ -405,7 +407,7 @@ def _train_loop(trainer: Trainer, workdir: str, ckpt: checkpointing.Manager,
     state, _, last_good = restored
     logging.info("resumed from step %d", last_good)
   start = int(jax.device_get(state.step))
-  progress = evaluate.Progress(cfg.num_steps, start, enabled=main_process)
+  progress = reporting.Progress(cfg.num_steps, start, enabled=main_process)
   pending, window_start = [], start
   result = {}
 
@@ -466,6 +468,31 @@ def finish(trainer: Trainer, state: TrainState, workdir: str, writer,
   if config.sampling.num_samples > 0:
     params = trainer.gather(state.ema_params)   # on every process (FSDP)
     if parallel.is_main_process():
-      evaluate.write_samples(trainer, params, workdir, step)
-      evaluate.write_plots(trainer, params, workdir, step)
+      generation.write_samples(
+          trainer.model, params, workdir, step,
+          generation.SamplingOptions.from_config(config.sampling))
+      reporting.write_plots(
+          trainer.model, params, workdir, step,
+          next(iter(trainer.ds.eval_batches("test", batch_size=64))))
   return result
+
+
+def restore_for_inference(trainer: Trainer, workdir: str
+                          ) -> tuple[TrainState, int]:
+  """The newest valid checkpoint of WORKDIR for eval or sampling.
+
+  Returns:
+    (state with the trainer's shardings, its step).
+  Raises:
+    FileNotFoundError: WORKDIR/checkpoints holds no valid checkpoint.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  ckpt = checkpointing.Manager(directory, async_save=False)
+  restored = ckpt.restore_latest(trainer.init_state())
+  ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(
+        f"no checkpoint in {directory}; train first: python -m vdm.main "
+        f"--config=... --workdir={workdir}")
+  state, _, step = restored
+  return state, step
