@@ -8,16 +8,17 @@ import pytest
 from vdm import elbo
 from vdm import model as model_lib
 from vdm import nets
+from vdm import schedules
 
 VOCAB = 64
 SHAPE = (4,)
 
 
 def make_model(**kwargs):
-  net = nets.get("mlp", hidden=16, num_blocks=1,
+  net = nets.get("mlp", hidden=16, num_res_blocks=1,
                  num_classes=kwargs.pop("num_classes_net", 0))
-  return model_lib.Model(net=net, vocab_size=VOCAB, data_shape=SHAPE,
-                         **kwargs)
+  kwargs.setdefault("vocab_size", VOCAB)
+  return model_lib.Model(net=net, data_shape=SHAPE, **kwargs)
 
 
 def perturb(params, key, scale=0.3):
@@ -148,6 +149,19 @@ def test_p_uncond_one_equals_the_null_label(data):
     (dict(schedule="learned_linear", weighting="sigmoid"), "trained by the ELBO"),
     (dict(schedule="learned_net", noise_schedule="cosine"),
      "trained by the ELBO"),
+    (dict(schedule="fixed_linear", noise_schedule="edm", num_steps=4),
+     "continuous time"),
+    (dict(schedule="learned_net", variance_minimization=True, num_steps=4),
+     "continuous-time loss"),
+    (dict(p_uncond=1.0, num_classes=2, num_classes_net=2), "p_uncond"),
+    (dict(vocab_size=1), "vocab_size"),
+    # Options are bound when the model is built, not at the first loss.
+    (dict(schedule="fixed_linear", noise_schedule="edm",
+          noise_schedule_kwargs=(("std", -1.0),)), "noise_schedule.*std"),
+    (dict(schedule="fixed_linear", noise_schedule="adaptive",
+          noise_schedule_kwargs=(("num_bins", 0),)), "num_bins"),
+    (dict(schedule="fixed_linear", weighting="sigmoid",
+          weighting_kwargs=(("scale", 2.0),)), "unknown option"),
 ])
 def test_bad_model_settings_are_rejected(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -165,3 +179,57 @@ def test_training_noise_schedules_give_finite_losses(data, noise_schedule):
   assert np.isfinite(float(loss))
   assert np.all(np.isfinite(aux["logsnr"]))
   assert np.all(aux["weighted_mse"] >= 0)
+
+
+def _training_draws(model, params, data, key):
+  """t, eps and eps_hat as `training_loss` draws them (its key order)."""
+  _, key_t, key_eps, key_dropout, _ = jax.random.split(key, 5)
+  t = elbo.sample_times(key_t, data.shape[0])
+  eps = jax.random.normal(key_eps, data.shape)
+  eps_fn = model.eps_fn(params, train=True, key_dropout=key_dropout)
+  return t, eps, eps_fn
+
+
+def test_weighted_loss_is_w_over_p_times_the_squared_error(data):
+  """0.5 w(lambda) / p(lambda) ||eps - eps_hat||^2, lambda from p(lambda)."""
+  model = make_model(schedule="fixed_linear", noise_schedule="edm",
+                     weighting="sigmoid", weighting_kwargs=(("bias", 1.0),))
+  params = perturb(model.init(jax.random.key(16)), jax.random.key(17))
+  key = jax.random.key(18)
+  _, aux = model.training_loss(params, data, None, key)
+  t, eps, eps_fn = _training_draws(model, params, data, key)
+  gamma_t, dgamma_dt = jax.jvp(schedules.get("edm"), (t,), (jnp.ones(8),))
+  var_t = 1.0 / (1.0 + np.exp(-np.float64(gamma_t)))[:, None]   # sigma_t^2
+  f = np.float64(elbo.encode(data, VOCAB))
+  z_t = np.sqrt(1.0 - var_t) * f + np.sqrt(var_t) * np.float64(eps)
+  eps_hat = np.float64(eps_fn(jnp.float32(z_t), gamma_t))
+  lam = -np.float64(gamma_t)
+  w = 1.0 / (1.0 + np.exp(lam - 1.0))                  # sigmoid(1 - lam)
+  p_inv = np.float64(dgamma_dt)                         # 1 / p(lambda)
+  expected = 0.5 * w * p_inv * np.sum(np.square(eps - eps_hat), axis=-1)
+  # rtol: z_t in float32 vs float64 moves eps_hat by ~1e-7 relative.
+  np.testing.assert_allclose(aux["diff"], expected, rtol=1e-5)
+  np.testing.assert_array_equal(aux["logsnr"], -gamma_t)
+
+
+def test_t_step_elbo_loss_matches_its_formula(data):
+  """0.5 T expm1(gamma_t - gamma_s) ||eps - eps_hat(z_t)||^2 on the grid."""
+  num_steps = 4
+  model = make_model(schedule="fixed_linear", num_steps=num_steps)
+  params = perturb(model.init(jax.random.key(19)), jax.random.key(20))
+  key = jax.random.key(21)
+  _, aux = model.training_loss(params, data, None, key)
+  t, eps, eps_fn = _training_draws(model, params, data, key)
+  step = np.floor(np.float64(t) * num_steps)
+  t_grid, s_grid = (step + 1) / num_steps, step / num_steps
+  gamma_t = -13.3 + 18.3 * t_grid          # the fixed_linear schedule
+  gamma_s = -13.3 + 18.3 * s_grid
+  var_t = (1.0 / (1.0 + np.exp(-gamma_t)))[:, None]
+  f = np.float64(elbo.encode(data, VOCAB))
+  z_t = np.sqrt(1.0 - var_t) * f + np.sqrt(var_t) * np.float64(eps)
+  eps_hat = np.float64(eps_fn(jnp.float32(z_t), jnp.float32(gamma_t)))
+  expected = 0.5 * num_steps * np.expm1(gamma_t - gamma_s) * np.sum(
+      np.square(eps - eps_hat), axis=-1)
+  # rtol: gamma in float32 (|gamma| <= 13.3) carries ~1e-6 of its value.
+  np.testing.assert_allclose(aux["diff"], expected, rtol=1e-4)
+  np.testing.assert_array_equal(aux["weighted_mse"], 0.0)

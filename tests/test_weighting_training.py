@@ -247,7 +247,7 @@ def test_non_monotonic_weighting_is_not_a_mixture():
 # Weighting / noise schedule change the training loss, not the eval bpd.
 # ==========================================================================
 
-_NET = nets.get("mlp", hidden=16, num_blocks=1)
+_NET = nets.get("mlp", hidden=16, num_res_blocks=1)
 
 
 def _model(**kwargs):

@@ -1,6 +1,13 @@
 """Config checking and recording: every field is validated once, in plain
-Python, before anything is compiled; the resolved config is written to the
-run directory."""
+Python, before the dataset is opened or anything is compiled; the resolved
+config is written to the run directory.
+
+Names are checked against the registries of the modules that resolve them
+(`input_pipeline.DATASETS`, `nets.NAMES`, `nets.COMPUTE_DTYPES`,
+`sampling.SAMPLERS`, `sampling.DECODE_MODES`); the model's options, weighting
+and schedules included, by `model_options.check`, the rules `model.Model`
+itself applies.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,10 @@ import os
 
 import ml_collections
 
-DATASETS = ("mnist5k", "digits", "toy2d", "fashion_mnist", "cifar10",
-            "imagenet32", "imagenet64")
-NETS = ("vdm_unet", "unet", "mlp")
-SAMPLERS = ("ancestral", "ddim")
-DECODE_MODES = ("argmax", "sample")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+from vdm import input_pipeline
+from vdm import model_options
+from vdm import nets
+from vdm import sampling
 
 
 def _fail(field: str, value, expected: str):
@@ -33,30 +38,40 @@ def _positive_int(config, field: str, *, allow_zero: bool = False):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad field and how to fix it."""
+  """Raises ValueError naming the first bad field and how to fix it.
+
+  TypeError instead where a model count (data.vocab_size, model.num_steps)
+  is not an int, or a weighting or noise schedule option does not exist.
+  """
   for group in ("data", "model", "training", "optimizer", "sampling"):
     if group not in config:
       raise ValueError(f"config has no '{group}' group; configs must define "
                        "data, model, training, optimizer and sampling (see "
                        "configs/mnist5k.py).")
-  if config.data.dataset not in DATASETS:
-    _fail("data.dataset", config.data.dataset, f"one of {', '.join(DATASETS)}")
-  _positive_int(config, "data.vocab_size")
-  if config.data.vocab_size < 2:
-    _fail("data.vocab_size", config.data.vocab_size, "an int >= 2")
-  if config.model.net not in NETS:
-    _fail("model.net", config.model.net, f"one of {', '.join(NETS)}")
-  dtype = config.model.net_kwargs.get("dtype", "float32")
-  if dtype not in COMPUTE_DTYPES:
+  datasets = input_pipeline.DATASETS
+  if config.data.dataset not in datasets:
+    _fail("data.dataset", config.data.dataset, f"one of {', '.join(datasets)}")
+  model = config.model
+  if model.net not in nets.NAMES:
+    _fail("model.net", model.net, f"one of {', '.join(nets.NAMES)}")
+  dtype = model.net_kwargs.get("dtype", "float32")
+  if dtype not in nets.COMPUTE_DTYPES:
     _fail("model.net_kwargs.dtype", dtype,
-          f"one of {', '.join(COMPUTE_DTYPES)} (the network's compute dtype; "
-          "parameters and the ELBO stay float32)")
-  if not config.model.gamma_min < config.model.gamma_max:
-    _fail("model.gamma_min", config.model.gamma_min,
-          f"a value < model.gamma_max={config.model.gamma_max}")
-  _positive_int(config, "model.num_steps", allow_zero=True)
-  if not 0.0 < config.model.adaptive_decay < 1.0:
-    _fail("model.adaptive_decay", config.model.adaptive_decay,
+          f"one of {', '.join(nets.COMPUTE_DTYPES)} (the network's compute "
+          "dtype; parameters and the ELBO stay float32)")
+  # data.vocab_size and every model option, by the rules `model.Model` uses.
+  model_options.check(
+      schedule=model.schedule, gamma_min=model.gamma_min,
+      gamma_max=model.gamma_max, vocab_size=config.data.vocab_size,
+      num_steps=model.num_steps, weighting=model.weighting,
+      weighting_kwargs=dict(model.weighting_kwargs),
+      noise_schedule=model.noise_schedule,
+      noise_schedule_kwargs=dict(model.noise_schedule_kwargs),
+      parameterization=model.parameterization,
+      variance_minimization=model.variance_minimization,
+      conditional=model.conditional, p_uncond=model.p_uncond)
+  if not 0.0 < model.adaptive_decay < 1.0:
+    _fail("model.adaptive_decay", model.adaptive_decay,
           "a float in (0, 1)")
   for field in ("training.batch_size", "training.num_steps",
                 "training.eval_batch_size", "training.max_to_keep"):
@@ -81,10 +96,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if opt.decay not in ("none", "cosine"):
     _fail("optimizer.decay", opt.decay, "'none' or 'cosine'")
   smp = config.sampling
-  if smp.sampler not in SAMPLERS:
-    _fail("sampling.sampler", smp.sampler, f"one of {', '.join(SAMPLERS)}")
-  if smp.decode not in DECODE_MODES:
-    _fail("sampling.decode", smp.decode, f"one of {', '.join(DECODE_MODES)}")
+  if smp.sampler not in sampling.SAMPLERS:
+    _fail("sampling.sampler", smp.sampler,
+          f"one of {', '.join(sampling.SAMPLERS)}")
+  if smp.decode not in sampling.DECODE_MODES:
+    _fail("sampling.decode", smp.decode,
+          f"one of {', '.join(sampling.DECODE_MODES)}")
   _positive_int(config, "sampling.num_steps")
   _positive_int(config, "sampling.num_samples", allow_zero=True)
   if smp.guidance_scale < 0:

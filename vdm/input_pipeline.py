@@ -49,8 +49,15 @@ import numpy as np
 
 from vdm import datasets_local
 
-DATASETS = ("mnist5k", "digits", "toy2d", "fashion_mnist", "cifar10",
-            "imagenet32", "imagenet64")
+# Datasets built in memory, by name: their loaders need no download.
+_IN_MEMORY = {"mnist5k": datasets_local.load_mnist5k,
+              "digits": datasets_local.load_digits,
+              "toy2d": datasets_local.make_toy2d}
+# Every name `create` opens (the registry `config_lib.validate` checks): the
+# in-memory ones, then the tfds ones (`datasets_tfds.TFDS_DATASETS`, imported
+# only when one is opened); fashion_mnist is also read from IDX files.
+DATASETS = (*_IN_MEMORY, "fashion_mnist", "cifar10", "imagenet32",
+            "imagenet64")
 SPLITS = ("train", "test")
 _ORDER_STREAM = 0     # numpy seed streams: [seed, stream, epoch or step]
 _FLIP_STREAM = 1
@@ -287,11 +294,8 @@ def create(name: str, *, data_dir: str | None = None, seed: int = 0,
     FileNotFoundError: the data are not there; the message says how to get
       them.
   """
-  if name in ("mnist5k", "digits", "toy2d"):
-    loader = {"mnist5k": datasets_local.load_mnist5k,
-              "digits": datasets_local.load_digits,
-              "toy2d": datasets_local.make_toy2d}[name]
-    return Dataset(loader(), seed=seed, flip=flip)
+  if name in _IN_MEMORY:
+    return Dataset(_IN_MEMORY[name](), seed=seed, flip=flip)
   if name == "fashion_mnist":
     directory = datasets_local.find_fashion_mnist_dir(data_dir)
     if directory is not None:

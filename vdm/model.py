@@ -4,14 +4,23 @@ Flax modules hold parameters only (the learned schedule, the network); this
 module turns parameters into the closures `gamma_fn(t)` and
 `eps_fn(z_t, gamma_t)` and calls the pure loss terms of `vdm.elbo`. All ELBO
 algebra lives in `elbo`; nothing here draws randomness except from explicit
-keys.
+keys. Names in the config are resolved to functions once, when the `Model`
+is built; `model_options` holds the registries and every rule on the options
+(`config_lib.validate` applies the same rules before the dataset is opened).
 
 Two losses are computed from the same pieces:
 
-* the **training objective**: reconstruction + prior + the (optionally
-  weighted, Kingma & Gao 2023) diffusion loss, with noise levels drawn from
-  the training noise schedule p(lambda) (the model's own schedule, a fixed
-  cosine / EDM schedule, or the adaptive one);
+* the **training objective** (`training_loss`): reconstruction + prior + one
+  diffusion objective, chosen when the model is built; each reads as
+  NVlabs/edm's `training/loss.py` (draw the noise level, weight, denoise,
+  weighted square):
+  - `elbo_loss`: the VDM bound with the model's schedule, continuous or
+    T-step;
+  - `weighted_loss`: Kingma & Gao's weighted loss, its noise levels drawn
+    from the training p(lambda) (a fixed cosine / EDM schedule, the adaptive
+    one, or the model's own);
+  - `variance_minimizing_loss`: the continuous ELBO whose gradient to a
+    learned schedule's shape minimises the estimator's variance;
 * the **ELBO** (`elbo_terms`): always the unweighted continuous-time (or
   T-step) VDM bound with the model's own schedule, so bits per dim are
   comparable across weightings.
@@ -21,6 +30,8 @@ References:
   arXiv:2107.00630.
   Kingma, Gao. Understanding Diffusion Objectives as the ELBO with Simple
   Data Augmentation. 2023, arXiv:2303.00848.
+  Karras, Aittala, Aila, Laine. Elucidating the Design Space of
+  Diffusion-Based Generative Models. 2022, arXiv:2206.00364.
 """
 
 from __future__ import annotations
@@ -35,17 +46,21 @@ import jax
 import jax.numpy as jnp
 
 from vdm import elbo
+from vdm import model_options
 from vdm import nets
 from vdm import process
 from vdm import schedules
 from vdm import weighting as weighting_lib
 
 Params = Mapping[str, Any]
-GammaFn = Callable[[jax.Array], jax.Array]
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+Labels = jax.Array | None                            # [B] int32 or None
+# An objective's (L_diff [B], gamma_t [B], gamma'(t) [B]).
+LossAndLevels = tuple[jax.Array, jax.Array, jax.Array]
 
-MODEL_SCHEDULES = ("fixed_linear", "learned_linear", "learned_net")
-NOISE_SCHEDULES = ("model", "cosine", "cosine_shifted", "edm", "adaptive")
+
+def _derived():
+  """A field set in `__post_init__` from the options (not in ==, hash)."""
+  return dataclasses.field(init=False, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +69,15 @@ class Model:
 
   Attributes:
     net: the score network (a Flax module following the `vdm.nets` API).
-    schedule: `'fixed_linear'`, `'learned_linear'` or `'learned_net'`.
+    schedule: a name in `model_options.MODEL_SCHEDULES`.
     gamma_min, gamma_max: the schedule's (initial) endpoints gamma(0), gamma(1).
     vocab_size: number of data levels (256 for 8-bit images).
     data_shape: per-example shape, e.g. (28, 28, 1).
     num_steps: 0 for continuous time, T > 0 for the T-step loss.
     weighting: name in `vdm.weighting` (`'elbo'` = the plain ELBO).
     weighting_kwargs: its parameters, as sorted (name, value) pairs.
-    noise_schedule: the training p(lambda): `'model'`, `'cosine'`,
-      `'cosine_shifted'`, `'edm'` or `'adaptive'`.
+    noise_schedule: the training p(lambda), a name in
+      `model_options.NOISE_SCHEDULES` ('model': the model's own schedule).
     noise_schedule_kwargs: its parameters, as sorted (name, value) pairs.
     parameterization: what the network predicts: `'eps'`, `'x'` or `'v'`.
     variance_minimization: learn the schedule's shape by minimising the
@@ -72,6 +87,8 @@ class Model:
     num_classes: 0 for an unconditional model.
     p_uncond: probability of dropping a label to the null label in training
       (classifier-free guidance).
+  Derived once from these: `schedule_module` (None for 'fixed_linear') and
+  the training noise schedule, weighting and diffusion objective.
   """
   net: nn.Module
   schedule: str = "learned_linear"
@@ -89,77 +106,38 @@ class Model:
   antithetic: bool = True
   num_classes: int = 0
   p_uncond: float = 0.0
+  schedule_module: nn.Module | None = _derived()
+  _noise_fn: model_options.NoiseFn = _derived()
+  _weighting_fn: Callable[[jax.Array], jax.Array] | None = _derived()
+  _objective: Callable[..., LossAndLevels] = _derived()
 
   def __post_init__(self):
-    if self.schedule not in MODEL_SCHEDULES:
-      raise ValueError(
-          f"unknown schedule {self.schedule!r}; known: "
-          f"{', '.join(MODEL_SCHEDULES)}. Set config.model.schedule.")
-    if self.noise_schedule not in NOISE_SCHEDULES:
-      raise ValueError(
-          f"unknown noise_schedule {self.noise_schedule!r}; known: "
-          f"{', '.join(NOISE_SCHEDULES)}. Set config.model.noise_schedule.")
-    if not self.gamma_min < self.gamma_max:
-      raise ValueError(
-          f"gamma_min={self.gamma_min} must be < gamma_max={self.gamma_max}; "
-          "set config.model.gamma_min / gamma_max (paper: -13.3, 5.0).")
-    if self.vocab_size < 2:
-      raise ValueError(f"vocab_size must be >= 2; got {self.vocab_size}.")
-    if not isinstance(self.num_steps, int) or self.num_steps < 0:
-      raise ValueError(
-          f"num_steps must be an int >= 0 (0 = continuous time); got "
-          f"{self.num_steps!r}.")
-    if self.parameterization not in process.PARAMETERIZATIONS:
-      raise ValueError(
-          f"unknown parameterization {self.parameterization!r}; known: "
-          f"{', '.join(process.PARAMETERIZATIONS)}.")
-    weighting_lib.get(self.weighting, **dict(self.weighting_kwargs))
-    if self.num_steps > 0 and (self.weighting != "elbo"
-                               or self.noise_schedule != "model"):
-      raise ValueError(
-          "a weighting or a training noise schedule other than the model's "
-          "needs continuous time: set config.model.num_steps = 0 (got "
-          f"num_steps={self.num_steps}, weighting={self.weighting!r}, "
-          f"noise_schedule={self.noise_schedule!r}).")
-    if self.schedule != "fixed_linear" and (self.weighting != "elbo" or
-                                            self.noise_schedule != "model"):
-      # A weighted loss or a foreign p(lambda) no longer gives the learned
-      # endpoints the ELBO's gradient: they would drift (measured: gamma_0
-      # -9.1 vs -7.5 after 3,000 steps on digits), changing the range the
-      # eval ELBO integrates over.
-      raise ValueError(
-          f"a learned schedule ({self.schedule!r}) is trained by the ELBO: "
-          "use weighting='elbo' and noise_schedule='model' with it, or set "
-          "config.model.schedule='fixed_linear' (with gamma_min/gamma_max) to "
-          f"train with weighting={self.weighting!r}, "
-          f"noise_schedule={self.noise_schedule!r}.")
+    model_options.check(
+        schedule=self.schedule, gamma_min=self.gamma_min,
+        gamma_max=self.gamma_max, vocab_size=self.vocab_size,
+        num_steps=self.num_steps, weighting=self.weighting,
+        weighting_kwargs=dict(self.weighting_kwargs),
+        noise_schedule=self.noise_schedule,
+        noise_schedule_kwargs=dict(self.noise_schedule_kwargs),
+        parameterization=self.parameterization,
+        variance_minimization=self.variance_minimization,
+        conditional=self.num_classes > 0, p_uncond=self.p_uncond)
+    # Names -> functions, here and nowhere else (the dataclass is frozen).
+    setattr_ = functools.partial(object.__setattr__, self)
+    module = model_options.MODEL_SCHEDULES[self.schedule]
+    setattr_("schedule_module", None if module is None else module(
+        gamma_min=self.gamma_min, gamma_max=self.gamma_max))
+    setattr_("_noise_fn", model_options.NOISE_SCHEDULES[self.noise_schedule](
+        dict(self.noise_schedule_kwargs), resolution=self.data_shape[0],
+        model_gamma_fn=self.gamma_fn))
+    setattr_("_weighting_fn", None if self.weighting == "elbo" else
+             weighting_lib.get(self.weighting, **dict(self.weighting_kwargs)))
     if self.variance_minimization:
-      if self.schedule == "fixed_linear":
-        raise ValueError(
-            "variance_minimization needs a learned schedule; set "
-            "config.model.schedule to 'learned_linear' or 'learned_net'.")
-      if self.num_steps > 0 or self.noise_schedule != "model":
-        raise ValueError(
-            "variance_minimization applies to the continuous-time loss with "
-            "the model's own schedule (num_steps=0, noise_schedule='model').")
-    if not 0.0 <= self.p_uncond < 1.0:
-      raise ValueError(f"p_uncond must be in [0, 1); got {self.p_uncond}.")
-    if self.p_uncond > 0 and self.num_classes == 0:
-      raise ValueError(
-          "p_uncond > 0 (classifier-free guidance) needs a class-conditional "
-          "model: set config.model.num_classes > 0.")
-
-  # --------------------------------------------------------------- modules
-
-  @functools.cached_property
-  def schedule_module(self) -> nn.Module | None:
-    if self.schedule == "learned_linear":
-      return schedules.LearnedLinear(
-          gamma_min=self.gamma_min, gamma_max=self.gamma_max)
-    if self.schedule == "learned_net":
-      return schedules.MonotoneNet(
-          gamma_min=self.gamma_min, gamma_max=self.gamma_max)
-    return None
+      setattr_("_objective", self.variance_minimizing_loss)
+    elif self.weighting == "elbo" and self.noise_schedule == "model":
+      setattr_("_objective", self.elbo_loss)
+    else:
+      setattr_("_objective", self.weighted_loss)
 
   @property
   def num_dims(self) -> int:
@@ -181,7 +159,7 @@ class Model:
 
   # -------------------------------------------------------------- closures
 
-  def gamma_fn(self, params: Params) -> GammaFn:
+  def gamma_fn(self, params: Params) -> process.GammaFn:
     """The model's schedule gamma(t) = -log SNR(t) as a closure."""
     if self.schedule_module is None:
       return functools.partial(schedules.fixed_linear,
@@ -198,7 +176,7 @@ class Model:
 
   def eps_fn(self, params: Params, labels: jax.Array | None = None, *,
              train: bool = False,
-             key_dropout: jax.Array | None = None) -> EpsFn:
+             key_dropout: jax.Array | None = None) -> process.EpsFn:
     """eps_hat(z_t, gamma_t) as a closure over the network's parameters."""
     variables = {"params": params["net"]}
     rngs = {"dropout": key_dropout} if (train and key_dropout is not None) \
@@ -213,30 +191,112 @@ class Model:
 
     return eps_fn
 
-  def noise_gamma_fn(self, params: Params, adaptive_state=None) -> GammaFn:
+  def noise_gamma_fn(self, params: Params,
+                     adaptive_state=None) -> process.GammaFn:
     """The training noise schedule: t ~ U(0, 1) -> gamma, i.e. p(lambda)."""
-    kwargs = dict(self.noise_schedule_kwargs)
-    if self.noise_schedule == "model":
-      return self.gamma_fn(params)
-    if self.noise_schedule == "cosine":
-      return functools.partial(schedules.cosine, **kwargs)
-    if self.noise_schedule == "cosine_shifted":
-      resolution = kwargs.pop("resolution", self.data_shape[0])
-      base = kwargs.pop("base", 64)
-      shift = schedules.cosine_shift(resolution, base=base)
-      return functools.partial(schedules.cosine, shift=shift, **kwargs)
-    if self.noise_schedule == "edm":
-      return functools.partial(schedules.edm, **kwargs)
-    if adaptive_state is None:
-      raise ValueError("noise_schedule='adaptive' needs the adaptive state "
-                       "(TrainState.adaptive); got None.")
-    return functools.partial(schedules.adaptive_gamma, adaptive_state)
+    return self._noise_fn(params, adaptive_state)
 
   def init_adaptive(self):
     """Initial adaptive-schedule state, or None when not used."""
     if self.noise_schedule != "adaptive":
       return None
     return schedules.adaptive_init(**dict(self.noise_schedule_kwargs))
+
+  # ------------------------------------------------------------ objectives
+  # One per objective, chosen in __post_init__. Each takes f [B, ...] (the
+  # encoded data) and draws t ~ U(0, 1) and eps from its keys; it returns
+  # (L_diff [B], gamma_t [B], gamma'(t) [B]): the loss, the noise levels
+  # drawn and 1 / p(lambda) at them.
+
+  def _draw(self, f, key_t, key_eps):
+    t = elbo.sample_times(key_t, f.shape[0], antithetic=self.antithetic)
+    return t, jax.random.normal(key_eps, f.shape)         # [B], [B, ...]
+
+  def elbo_loss(self, params: Params, f: jax.Array, labels: Labels,
+                key_t: jax.Array, key_eps: jax.Array, key_dropout: jax.Array,
+                adaptive_state=None) -> LossAndLevels:
+    """The VDM bound's diffusion term with the model's schedule gamma(t).
+
+    Continuous: 0.5 gamma'(t) ||eps - eps_hat(z_t, gamma_t)||^2; T steps:
+    0.5 T expm1(gamma_t - gamma_s) ||eps - eps_hat||^2 with t on the grid,
+    s = t - 1/T (Kingma et al. 2021, "Continuous-time model: T -> infinity"
+    and "Discrete-time model").
+    """
+    del adaptive_state
+    gamma_fn = self.gamma_fn(params)
+    t, eps = self._draw(f, key_t, key_eps)                # t ~ U(0, 1)
+    gamma_t, dgamma_dt = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+    eps_fn = self.eps_fn(params, labels, train=True, key_dropout=key_dropout)
+    if self.num_steps == 0:   # 0.5 * gamma'(t) * ||eps - eps_hat||^2
+      loss = elbo.continuous_diffusion_loss(eps_fn, f, gamma_t, dgamma_dt, eps)
+    else:                     # on the grid t_i = i / T, s = t - 1/T
+      loss = elbo.diffusion_loss(eps_fn, gamma_fn, f, t, eps,
+                                 num_steps=self.num_steps)
+    return loss, gamma_t, dgamma_dt
+
+  def weighted_loss(self, params: Params, f: jax.Array, labels: Labels,
+                    key_t: jax.Array, key_eps: jax.Array,
+                    key_dropout: jax.Array,
+                    adaptive_state=None) -> LossAndLevels:
+    """Kingma & Gao's weighted loss, importance-sampled from p(lambda).
+
+    0.5 w(lambda) / p(lambda) ||eps - eps_hat(z_t, gamma_t)||^2 with
+    gamma_t = gamma(t) of the training noise schedule, lambda = -gamma_t,
+    so that p(lambda) = 1 / gamma'(t) (Kingma & Gao 2023, sections on the
+    weighted loss and on importance sampling). w = 1 ('elbo') is the ELBO
+    estimated with another p(lambda).
+    """
+    gamma_fn = self.noise_gamma_fn(params, adaptive_state)
+    t, eps = self._draw(f, key_t, key_eps)                # t ~ U(0, 1)
+    # lambda = -gamma_t ~ p(lambda), and gamma'(t) = 1 / p(lambda).
+    gamma_t, dgamma_dt = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+    eps_fn = self.eps_fn(params, labels, train=True, key_dropout=key_dropout)
+    # 0.5 * w(lambda) * gamma'(t) * ||eps - eps_fn(z_t, gamma_t)||^2.
+    loss = elbo.continuous_diffusion_loss(eps_fn, f, gamma_t, dgamma_dt, eps,
+                                          weighting=self._weighting_fn)
+    return loss, gamma_t, dgamma_dt
+
+  def variance_minimizing_loss(self, params: Params, f: jax.Array,
+                               labels: Labels, key_t: jax.Array,
+                               key_eps: jax.Array, key_dropout: jax.Array,
+                               adaptive_state=None) -> LossAndLevels:
+    """The continuous ELBO term whose gradient to the schedule's *shape*
+    parameters is that of E[L_diff^2] (VDM paper, section on learning the
+    noise schedule); the endpoints and the network get the ELBO gradient.
+
+    gamma(t) = gamma_0 + (gamma_1 - gamma_0) * shape(t); the per-example pair
+    (shape(t_i), shape'(t_i)) carries all of the shape parameters' influence,
+    and `schedules.variance_minimizing` scales its cotangent by 2 L_i.
+    """
+    del adaptive_state
+    t, eps = self._draw(f, key_t, key_eps)
+    gamma_t, dgamma_dt = jax.jvp(self.gamma_fn(params), (t,),
+                                 (jnp.ones_like(t),))     # returned only
+    module = self.schedule_module
+    p_schedule = params["schedule"]
+    p_shape_only = {k: v for k, v in p_schedule.items() if "shape" in k}
+    p_endpoints = {k: v for k, v in p_schedule.items() if "shape" not in k}
+
+    def shape_fn(t_):
+      variables = {"params": {**p_endpoints, **p_shape_only}}
+      return module.apply(variables, t_, method="shape")
+
+    # shape(t) depends on the shape parameters only, never the endpoints.
+    shape_t, dshape_dt = jax.jvp(shape_fn, (t,), (jnp.ones_like(t),))
+
+    def per_example_loss(per_example, args):
+      s_t, ds_t = per_example
+      p_end, p_net = args
+      gamma_0, gamma_1 = module.apply({"params": p_end}, method="endpoints")
+      eps_fn = self.eps_fn({"net": p_net}, labels, train=True,
+                           key_dropout=key_dropout)
+      return elbo.continuous_diffusion_loss(
+          eps_fn, f, gamma_0 + (gamma_1 - gamma_0) * s_t,
+          (gamma_1 - gamma_0) * ds_t, eps)
+
+    loss = schedules.variance_minimizing(per_example_loss)(
+        (shape_t, dshape_dt), (p_endpoints, params["net"]))
+    return loss, gamma_t, dgamma_dt
 
   # ---------------------------------------------------------------- losses
 
@@ -263,8 +323,7 @@ class Model:
     key_recon, key_t, key_eps = jax.random.split(key, 3)
     f = elbo.encode(x, self.vocab_size)
     loss_recon, loss_prior = self._recon_prior(params, x, f, key_recon)
-    t = elbo.sample_times(key_t, f.shape[0], antithetic=self.antithetic)
-    eps = jax.random.normal(key_eps, f.shape)
+    t, eps = self._draw(f, key_t, key_eps)
     loss_diff = elbo.diffusion_loss(
         self.eps_fn(params, labels), self.gamma_fn(params), f, t, eps,
         num_steps=self.num_steps)
@@ -288,25 +347,8 @@ class Model:
       labels = jnp.where(drop, self.num_classes, labels)  # null label
     f = elbo.encode(x, self.vocab_size)
     loss_recon, loss_prior = self._recon_prior(params, x, f, key_recon)
-    t = elbo.sample_times(key_t, f.shape[0], antithetic=self.antithetic)
-    eps = jax.random.normal(key_eps, f.shape)
-    eps_fn = self.eps_fn(params, labels, train=True, key_dropout=key_dropout)
-    w = (None if self.weighting == "elbo" else
-         weighting_lib.get(self.weighting, **dict(self.weighting_kwargs)))
-    noise_gamma_fn = self.noise_gamma_fn(params, adaptive_state)
-
-    # One jvp gives the noise levels and gamma'(t) = 1/p(lambda) for both the
-    # continuous loss and the adaptive histogram's extras.
-    gamma_t, dgamma_dt = jax.jvp(noise_gamma_fn, (t,), (jnp.ones_like(t),))
-    if self.variance_minimization:
-      loss_diff = self._variance_minimizing_diffusion_loss(params, f, t, eps,
-                                                           labels, key_dropout)
-    elif self.num_steps == 0:
-      loss_diff = elbo.continuous_diffusion_loss(eps_fn, f, gamma_t, dgamma_dt,
-                                                 eps, weighting=w)
-    else:
-      loss_diff = elbo.diffusion_loss(eps_fn, noise_gamma_fn, f, t, eps,
-                                      num_steps=self.num_steps)
+    loss_diff, gamma_t, dgamma_dt = self._objective(
+        params, f, labels, key_t, key_eps, key_dropout, adaptive_state)
     # Extras for the adaptive histogram: lambda and w * mse (per dimension);
     # dividing out gamma'(t) = 1/p(lambda) undoes the importance weight.
     gamma_t = jax.lax.stop_gradient(gamma_t)
@@ -319,42 +361,6 @@ class Model:
     aux = {"recon": loss_recon, "prior": loss_prior, "diff": loss_diff,
            "logsnr": -gamma_t, "weighted_mse": weighted_mse}
     return jnp.mean(total), aux
-
-  def _variance_minimizing_diffusion_loss(self, params, f, t, eps, labels,
-                                          key_dropout):
-    """Continuous L_diff whose gradient to the schedule's *shape* parameters
-    is that of E[L_diff^2] (VDM paper, section on learning the noise
-    schedule), while the endpoints and the network get the ELBO gradient.
-
-    gamma(t) = gamma_0 + (gamma_1 - gamma_0) * shape(t); the per-example pair
-    (shape(t_i), shape'(t_i)) carries all of the shape parameters' influence,
-    and `schedules.variance_minimizing` scales its cotangent by 2 L_i.
-    """
-    module = self.schedule_module
-    p_schedule = params["schedule"]
-    p_shape_only = {k: v for k, v in p_schedule.items() if "shape" in k}
-    p_endpoints = {k: v for k, v in p_schedule.items() if "shape" not in k}
-
-    def shape_fn(t_):
-      variables = {"params": {**p_endpoints, **p_shape_only}}
-      return module.apply(variables, t_, method="shape")
-
-    # shape(t) depends on the shape parameters only, never the endpoints.
-    shape_t, dshape_dt = jax.jvp(shape_fn, (t,), (jnp.ones_like(t),))
-
-    def per_example_loss(per_example, args):
-      s_t, ds_t = per_example
-      p_end, p_net = args
-      gamma_0, gamma_1 = module.apply({"params": p_end}, method="endpoints")
-      gamma_t = gamma_0 + (gamma_1 - gamma_0) * s_t
-      dgamma_dt = (gamma_1 - gamma_0) * ds_t
-      eps_fn = self.eps_fn({"net": p_net}, labels, train=True,
-                           key_dropout=key_dropout)
-      return elbo.continuous_diffusion_loss(eps_fn, f, gamma_t, dgamma_dt, eps)
-
-    wrapped = schedules.variance_minimizing(per_example_loss)
-    return wrapped((shape_t, dshape_dt),
-                   (p_endpoints, params["net"]))
 
 
 def build(model_config, data_shape: tuple[int, ...], vocab_size: int,
