@@ -5,10 +5,15 @@ params, an optax Adam state, an extra NamedTuple (like the adaptive schedule
 state, with a PRNG key) and a static field.
 """
 import glob
+import json
 import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import textwrap
 import time
 from typing import Any, NamedTuple
 
@@ -139,10 +144,10 @@ def test_keeps_newest_and_best(tmp_path, keep_best, expected):
       assert manager.all_steps() == [7, 9, 10]
 
 
-def _save_two_steps(directory):
+def _save_two_steps(directory, **kwargs):
   with checkpointing.Manager(directory) as manager:
-    manager.save(1, make_state(1), metadata={"data_step": 1})
-    manager.save(2, make_state(2), metadata={"data_step": 2})
+    manager.save(1, make_state(1, **kwargs), metadata={"data_step": 1})
+    manager.save(2, make_state(2, **kwargs), metadata={"data_step": 2})
 
 
 def _data_files(step_dir):
@@ -345,3 +350,225 @@ def test_preemption_stops_all_processes_at_the_same_step():
   sigterm_steps = {r["SIGTERM"] for r in results}
   assert len(sigterm_steps) == 1 and "None" not in sigterm_steps, outputs
   assert int(sigterm_steps.pop()) >= 5
+
+
+# One writer per workdir, verified steps, nothing non-finite kept.
+
+
+def test_workdir_lock_refuses_a_second_holder_and_dies_with_its_process(
+    tmp_path):
+  workdir = str(tmp_path / "run")
+  with checkpointing.WorkdirLock(workdir) as lock:
+    with open(lock.path) as f:
+      assert f"{os.getpid()}" in f.read()
+    # A second holder (here: another open file description) is refused at
+    # once, naming the holder.
+    with pytest.raises(checkpointing.WorkdirInUseError,
+                       match=rf"workdir {workdir} is in use by a training "
+                       rf"run: host {socket.gethostname()}, pid "
+                       rf"{os.getpid()}.*another --workdir"):
+      checkpointing.WorkdirLock(workdir).acquire()
+    checkpointing.WorkdirLock(workdir, enabled=False).acquire()  # process>0
+  with checkpointing.WorkdirLock(workdir):       # released on exit
+    pass
+  # kill -9 of the holder leaves no stale lock: the kernel releases it.
+  holder = subprocess.Popen(
+      [sys.executable, "-c", textwrap.dedent(f"""
+          import sys, time
+          from vdm import checkpointing
+          checkpointing.WorkdirLock({workdir!r}).acquire()
+          print("locked", flush=True)
+          time.sleep(600)""")], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(checkpointing.WorkdirInUseError,
+                       match=rf"pid {holder.pid}"):
+      checkpointing.WorkdirLock(workdir).acquire()
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  with checkpointing.WorkdirLock(workdir):
+    pass
+
+
+def test_reader_touches_nothing(tmp_path, caplog):
+  missing = tmp_path / "never_trained" / "checkpoints"
+  with pytest.raises(FileNotFoundError, match=r"no checkpoints folder.*"
+                     r"train first"):
+    checkpointing.Manager(missing, read_only=True)
+  assert not os.path.exists(missing.parent)
+  directory = str(tmp_path / "ckpt")
+  _save_two_steps(directory, hidden=_WIDE)
+  # A save in progress (or interrupted) and a damaged step: both stay.
+  in_flight = os.path.join(directory, "3.orbax-checkpoint-tmp-1700000000")
+  shutil.copytree(os.path.join(directory, "2"), in_flight)
+  _flip_middle_bytes(os.path.join(directory, "2"))
+  before = _listing(directory)
+  caplog.set_level(logging.WARNING)
+  with checkpointing.Manager(directory, read_only=True) as reader:
+    assert reader.all_steps() == [1, 2] and reader.latest_step() == 2
+    restored, metadata, step = reader.restore_latest(
+        abstract_state(hidden=_WIDE))
+    assert step == 1 and metadata == {"data_step": 1}
+    assert_states_identical(restored, make_state(1, hidden=_WIDE))
+    with pytest.raises(RuntimeError, match="read-only"):
+      reader.save(4, make_state(4))
+  assert any("step 2" in w and "left in place" in w
+             for w in _warnings(caplog)), _warnings(caplog)
+  assert _listing(directory) == before        # nothing created or removed
+
+
+def _listing(directory):
+  return sorted(os.path.relpath(os.path.join(root, name), directory)
+                for root, dirs, files in os.walk(directory)
+                for name in dirs + files)
+
+
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno >= logging.WARNING]
+
+
+# Wide enough that an array data file is the step's largest file.
+_WIDE = 2048
+
+
+def _flip_middle_bytes(step_dir):
+  """Damages the middle of the step's largest file (an array data file)."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(step_dir)
+           for name in names]
+  largest = max(files, key=os.path.getsize)
+  assert largest in _data_files(step_dir)
+  size = os.path.getsize(largest)
+  with open(largest, "r+b") as f:
+    f.seek(size // 2)
+    middle = f.read(4)
+    f.seek(size // 2)
+    f.write(bytes(b ^ 0xFF for b in middle))
+  return largest
+
+
+def _garble_metrics(step_dir):
+  with open(os.path.join(step_dir, "metrics", "metrics"), "w") as f:
+    f.write('{"bpd": 1.')
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage, problem", [
+    ("middle bytes", "checksum mismatch"),
+    ("garbled metrics", "metrics"),
+    ("no checksums", "checksums.json is missing"),
+])
+def test_damaged_step_falls_back_to_the_previous(tmp_path, caplog, damage,
+                                                 problem):
+  directory = str(tmp_path / "ckpt")
+  with checkpointing.Manager(directory) as manager:
+    manager.save(1, make_state(1, hidden=_WIDE), metadata={"data_step": 1},
+                 metrics={"bpd": 2.0})
+    manager.save(2, make_state(2, hidden=_WIDE), metadata={"data_step": 2},
+                 metrics={"bpd": 1.0})
+  step_dir = os.path.join(directory, "2")
+  assert os.path.exists(os.path.join(step_dir, "checksums.json"))
+  if damage == "middle bytes":
+    _flip_middle_bytes(step_dir)
+  elif damage == "garbled metrics":
+    _garble_metrics(step_dir)
+  else:
+    os.remove(os.path.join(step_dir, "checksums.json"))
+  caplog.set_level(logging.WARNING)
+  with checkpointing.Manager(directory) as manager:   # the writer
+    restored, metadata, step = manager.restore_latest(
+        abstract_state(hidden=_WIDE))
+    assert step == 1 and metadata == {"data_step": 1}
+    assert_states_identical(restored, make_state(1, hidden=_WIDE))
+    assert manager.all_steps() == [1]
+  assert any("step 2" in w and problem in w for w in _warnings(caplog)), (
+      _warnings(caplog))
+  assert glob.glob(os.path.join(directory, "2.unreadable-*"))
+
+
+def test_step_saved_before_checksums_is_restored_unverified(tmp_path,
+                                                            caplog):
+  directory = str(tmp_path / "ckpt")
+  with checkpointing.Manager(directory) as manager:
+    manager.save(1, make_state(1), metadata={"data_step": 1})
+  step_dir = os.path.join(directory, "1")
+  os.remove(os.path.join(step_dir, "checksums.json"))
+  metadata_file = os.path.join(step_dir, "metadata", "metadata")
+  with open(metadata_file, "w") as f:
+    json.dump({"data_step": 1}, f)            # no checksum flag: older
+  caplog.set_level(logging.WARNING)
+  with checkpointing.Manager(directory, read_only=True) as reader:
+    _, metadata, step = reader.restore_latest(abstract_state())
+  assert step == 1 and metadata == {"data_step": 1}
+  assert any("unverified" in w for w in _warnings(caplog))
+
+
+def test_non_finite_state_is_not_saved(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  state = make_state(1)
+  with checkpointing.Manager(directory, async_save=False) as manager:
+    assert manager.save(3, state)
+    bad = state.replace(opt_state=jax.tree.map(
+        lambda x: x.at[0].set(jnp.nan) if x.ndim else x, state.opt_state))
+    with pytest.raises(checkpointing.NonFiniteStateError, match=(
+        r"non-finite state \(NaN or inf in opt_state/0/mu/dense/bias.*\) at "
+        r"step 7, reached between steps 4 and 7.*NOT saved; the last good "
+        r"checkpoint is step 3")):
+      manager.save(7, bad)
+    assert manager.all_steps() == [3]
+  with checkpointing.Manager(tmp_path / "fresh") as manager:
+    with pytest.raises(checkpointing.NonFiniteStateError,
+                       match="no checkpoint was written"):
+      manager.save(1, {"w": jnp.array([1.0, jnp.inf])})
+  assert checkpointing.non_finite_paths(
+      {"a": jnp.ones(2), "n": jnp.arange(3), "k": jax.random.key(0)}) == []
+
+
+_FULL_DISK_WORKER = r"""
+import json, resource, signal, sys
+import jax.numpy as jnp
+import numpy as np
+from vdm import checkpointing
+directory, call = sys.argv[1], sys.argv[2]
+manager = checkpointing.Manager(directory, keep_best=False)
+manager.save(1, {"w": jnp.ones(8)})
+manager.wait_until_finished()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past it: EFBIG
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+big = np.random.default_rng(0).normal(size=(1 << 18,)).astype(np.float32)
+error = None
+try:
+  manager.save(2, {"w": jnp.asarray(big)})
+  if call == "save":
+    manager.save(3, {"w": jnp.asarray(big)})
+  else:
+    manager.wait_until_finished()
+except checkpointing.CheckpointSaveError as e:
+  error = str(e)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+manager.close()
+with checkpointing.Manager(directory, read_only=True) as reader:
+  _, _, step = reader.restore_latest({"w": jnp.zeros(8)})
+print("RESULT " + json.dumps({"error": error, "restored": step}))
+"""
+
+
+@pytest.mark.parametrize("call", ["save", "wait_until_finished"])
+def test_failed_save_is_reported_at_the_next_call(tmp_path, call):
+  directory = str(tmp_path / "ckpt")
+  proc = subprocess.run(
+      [sys.executable, "-c", _FULL_DISK_WORKER, directory, call],
+      capture_output=True, text=True, timeout=300)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+  result = json.loads(lines[-1][len("RESULT "):])
+  # Named by the step that failed, with the path and the OS error.
+  assert result["error"] is not None
+  assert result["error"].startswith(
+      f"saving checkpoint step 2 to {directory} failed"), result
+  assert "File too large" in result["error"], result
+  assert "earlier checkpoints are intact (newest: step 1)" in result["error"]
+  assert len(result["error"]) < 600
+  assert result["restored"] == 1

@@ -380,18 +380,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   trainer = Trainer(config)
   cfg = config.training
   main_process = parallel.is_main_process()
-  os.makedirs(workdir, exist_ok=True)
-  if main_process:
-    config_lib.write(config, workdir)
-  ckpt = checkpointing.Manager(
-      os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
-      keep_best=True, best_metric="bpd")
-  writer = reporting.MetricWriter(workdir, enabled=main_process)
-  # Closing the manager waits for in-flight async saves, also when a
-  # non-finite loss (or any error) stops the run: the last good checkpoint is
-  # always complete on disk before the exception leaves this function.
-  with ckpt, contextlib.closing(writer):
-    return _train_loop(trainer, workdir, ckpt, writer)
+  # One training run per workdir, locked before anything is written to it
+  # (by process 0; the kernel releases the lock however the process ends).
+  with checkpointing.WorkdirLock(workdir, enabled=main_process):
+    os.makedirs(workdir, exist_ok=True)
+    if main_process:
+      config_lib.write(config, workdir)
+    ckpt = checkpointing.Manager(
+        os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
+        keep_best=True, best_metric="bpd")
+    writer = reporting.MetricWriter(workdir, enabled=main_process)
+    # Closing the manager waits for in-flight async saves, also when a
+    # non-finite loss (or any error) stops the run: the last good checkpoint
+    # is always complete on disk before the exception leaves this function.
+    with ckpt, contextlib.closing(writer):
+      return _train_loop(trainer, workdir, ckpt, writer)
 
 
 def _train_loop(trainer: Trainer, workdir: str, ckpt: checkpointing.Manager,
@@ -487,9 +490,9 @@ def restore_for_inference(trainer: Trainer, workdir: str
     FileNotFoundError: WORKDIR/checkpoints holds no valid checkpoint.
   """
   directory = os.path.join(workdir, "checkpoints")
-  ckpt = checkpointing.Manager(directory, async_save=False)
-  restored = ckpt.restore_latest(trainer.init_state())
-  ckpt.close()
+  # Read-only: may run beside the training run and never touches its files.
+  with checkpointing.Manager(directory, read_only=True) as ckpt:
+    restored = ckpt.restore_latest(trainer.init_state())
   if restored is None:
     raise FileNotFoundError(
         f"no checkpoint in {directory}; train first: python -m vdm.main "
