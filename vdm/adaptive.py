@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm import checks
 from vdm import process
 
 # A bin's weight is floored at this fraction of the largest one so the inverse
@@ -49,8 +50,8 @@ def init(*, num_bins: int = 100, lam_min: float = -15.0,
     The state: every `loss_ema` is 1 (a placeholder: the first batch that
     reaches a bin replaces it, see `update`) and every count 0.
   """
-  num_bins = process.check_int("num_bins", num_bins, minimum=1,
-                               hint="Use e.g. 100 bins.")
+  num_bins = checks.check_int("num_bins", num_bins, minimum=1,
+                              hint="Use e.g. 100 bins.")
   process.check_logsnr_range(lam_min, lam_max)
   edges = np.linspace(float(lam_min), float(lam_max), num_bins + 1)
   return AdaptiveState(

@@ -65,8 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vdm import checks
 from vdm import parallel
-from vdm import process
 
 PyTree = Any
 
@@ -424,7 +424,7 @@ class Manager:
     Raises:
       FileNotFoundError: `read_only` and `directory` does not exist.
     """
-    max_to_keep = process.check_int(
+    max_to_keep = checks.check_int(
         "max_to_keep", max_to_keep, minimum=1,
         hint="Keep at least the newest checkpoint.")
     directory = os.fspath(directory)

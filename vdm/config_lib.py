@@ -16,6 +16,7 @@ import os
 
 import ml_collections
 
+from vdm import checks
 from vdm import input_pipeline
 from vdm import model_options
 from vdm import nets
@@ -31,9 +32,9 @@ def _positive_int(config, field: str, *, allow_zero: bool = False):
   value = config
   for part in field.split("."):
     value = value[part]
-  ok = isinstance(value, int) and not isinstance(value, bool) and (
-      value >= 0 if allow_zero else value > 0)
-  if not ok:
+  try:
+    checks.check_int(field, value, minimum=0 if allow_zero else 1)
+  except (TypeError, ValueError):
     _fail(field, value, "an int >= 0" if allow_zero else "an int > 0")
 
 
@@ -80,7 +81,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "training.checkpoint_every"):
     _positive_int(config, field, allow_zero=True)
   _positive_int(config, "training.num_devices", allow_zero=True)
-  if not isinstance(config.training.seed, int):
+  try:
+    checks.check_int("training.seed", config.training.seed)
+  except TypeError:
     _fail("training.seed", config.training.seed, "an int")
   opt = config.optimizer
   if not (isinstance(opt.learning_rate, (int, float)) and

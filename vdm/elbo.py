@@ -26,6 +26,7 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
+from vdm import checks
 from vdm import decoder
 from vdm import process
 from vdm import weighting as weighting_lib
@@ -43,14 +44,14 @@ diffuse = process.diffuse
 
 
 def _check_vocab_size(vocab_size) -> None:
-  process.check_int(
+  checks.check_int(
       "vocab_size", vocab_size, minimum=2,
       hint="Pass the number of values a data element can take (256 for "
       "uint8 images).")
 
 
 def _check_num_steps(num_steps) -> None:
-  process.check_int(
+  checks.check_int(
       "num_steps", num_steps, minimum=0,
       hint="Use 0 for the continuous-time loss or T > 0 for the discrete "
       "T-step loss.")
@@ -215,8 +216,8 @@ def nats_to_bpd(nats: jax.typing.ArrayLike, num_dims: int) -> jax.Array:
     >>> round(float(elbo.nats_to_bpd(math.log(2.0) * 6, 3)), 6)
     2.0
   """
-  process.check_int("num_dims", num_dims, minimum=1,
-                    hint="Pass the number of elements of one example.")
+  checks.check_int("num_dims", num_dims, minimum=1,
+                   hint="Pass the number of elements of one example.")
   return jnp.asarray(nats, jnp.float32) / (num_dims * math.log(2.0))
 
 
@@ -240,7 +241,7 @@ def sample_times(key: jax.Array, batch_size: int, *,
   Returns:
     [B] float32 t in [0, 1).
   """
-  batch_size = process.check_int("batch_size", batch_size, minimum=1)
+  batch_size = checks.check_int("batch_size", batch_size, minimum=1)
   if not antithetic:
     return jax.random.uniform(key, (batch_size,))
   u = jax.random.uniform(key, ())

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vdm import checks
 from vdm import elbo
-from vdm import process
 
 NOT_FID_NOTE = (
     "Frechet distance in the features of a small CNN trained by this project "
@@ -252,8 +252,8 @@ def train_classifier(ds, *, num_steps: int | None = None,
                      f"{ds.num_classes} classes.")
   if num_steps is None:
     num_steps = DEFAULT_NUM_STEPS.get(ds.name, 1000)
-  num_steps = process.check_int("num_steps", num_steps, minimum=1)
-  batch_size = process.check_int("batch_size", batch_size, minimum=1)
+  num_steps = checks.check_int("num_steps", num_steps, minimum=1)
+  batch_size = checks.check_int("batch_size", batch_size, minimum=1)
   module = Classifier(num_features=num_features, num_classes=ds.num_classes)
   x0 = jnp.zeros((1, *ds.shape), jnp.float32)
   params = module.init(jax.random.key(seed), x0)["params"]

@@ -39,7 +39,6 @@ Datasets (`create(name)`):
 import argparse
 import itertools
 import math
-import operator
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -47,6 +46,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vdm import checks
 from vdm import datasets_local
 
 # Datasets built in memory, by name: their loaders need no download.
@@ -78,26 +78,12 @@ class Source(Protocol):
            indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-  """value as a Python int (ints, numpy/jax integer scalars) >= minimum."""
-  try:
-    if isinstance(value, bool):
-      raise TypeError
-    number = operator.index(value)
-  except TypeError:
-    raise TypeError(f"{name} must be an int; got {value!r} "
-                    f"({type(value).__name__}).") from None
-  if number < minimum:
-    raise ValueError(f"{name} must be >= {minimum}; got {number!r}.")
-  return number
-
-
 def _local_rows(batch_size: Any, process_index: Any,
                 process_count: Any) -> tuple[int, int]:
   """[lo, hi): the rows of the global batch that this process reads."""
-  batch_size = _check_int("batch_size", batch_size, 1)
-  process_count = _check_int("process_count", process_count, 1)
-  process_index = _check_int("process_index", process_index, 0)
+  batch_size = checks.check_int("batch_size", batch_size, minimum=1)
+  process_count = checks.check_int("process_count", process_count, minimum=1)
+  process_index = checks.check_int("process_index", process_index, minimum=0)
   if process_index >= process_count:
     raise ValueError(f"process_index={process_index} must be < "
                      f"process_count={process_count}.")
@@ -135,7 +121,7 @@ class Dataset:
     self.num_classes = int(source.num_classes)
     self.version = source.version
     self.splits = SPLITS
-    self.seed = _check_int("seed", seed, 0)
+    self.seed = checks.check_int("seed", seed, minimum=0)
     if flip and len(self.shape) != 3:
       raise ValueError(f"flip=True needs images [H, W, C]; {self.name!r} has "
                        f"examples of shape {self.shape}. Set flip=False.")
@@ -190,11 +176,11 @@ class Dataset:
 
   def train_indices(self, step: int, *, batch_size: int) -> np.ndarray:
     """[batch_size] train indices of the global batch of `step`."""
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = checks.check_int("batch_size", batch_size, minimum=1)
     return self._train_indices(step, batch_size, 0, batch_size)
 
   def _train_indices(self, step, batch_size, lo, hi) -> np.ndarray:
-    step = _check_int("step", step, 0)
+    step = checks.check_int("step", step, minimum=0)
     num = self.num_examples("train")
     positions = step * batch_size + np.arange(lo, hi, dtype=np.int64)
     epochs, offsets = np.divmod(positions, num)
@@ -221,7 +207,7 @@ class Dataset:
       {'image': [batch_size // process_count, *shape] `dtype` in
       [0, vocab_size), 'label': [batch_size // process_count] int32}.
     """
-    step = _check_int("step", step, 0)
+    step = checks.check_int("step", step, minimum=0)
     lo, hi = _local_rows(batch_size, process_index, process_count)
     batch = self.read("train", self._train_indices(step, batch_size, lo, hi))
     if self.flip:
@@ -237,7 +223,7 @@ class Dataset:
     Wrap it in `prefetch` to read ahead in a background thread.
     """
     _local_rows(batch_size, process_index, process_count)    # fail early
-    _check_int("start_step", start_step, 0)
+    checks.check_int("start_step", start_step, minimum=0)
     for step in itertools.count(start_step):
       yield self.train_batch(step, batch_size=batch_size,
                              process_index=process_index,
@@ -245,7 +231,7 @@ class Dataset:
 
   def num_eval_batches(self, split: str, *, batch_size: int) -> int:
     return math.ceil(self.num_examples(split)
-                     / _check_int("batch_size", batch_size, 1))
+                     / checks.check_int("batch_size", batch_size, minimum=1))
 
   def eval_batches(self, split: str = "test", *, batch_size: int,
                    process_index: int = 0, process_count: int = 1
@@ -367,7 +353,7 @@ def prefetch(iterable: Iterable[Any], *, buffer_size: int = 2
   Exceptions of the producer are raised by the consumer's `next`; closing
   (or dropping) the returned iterator stops the thread.
   """
-  buffer_size = _check_int("buffer_size", buffer_size, 1)
+  buffer_size = checks.check_int("buffer_size", buffer_size, minimum=1)
   items: queue.Queue = queue.Queue(maxsize=buffer_size)
   stop = threading.Event()
 

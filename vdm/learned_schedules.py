@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm import checks
 from vdm import process
 
 
@@ -136,8 +137,8 @@ class MonotoneNet(_Normalised):
   num_features: int = 1024
 
   def setup(self):
-    process.check_int("num_features", self.num_features, minimum=1,
-                      hint="Use e.g. 1024 (the VDM paper's width).")
+    checks.check_int("num_features", self.num_features, minimum=1,
+                     hint="Use e.g. 1024 (the VDM paper's width).")
     self.gamma_0, self.span_raw = self._endpoint_params()
     self.shape_net = _MonotoneShapeNet(self.num_features, name="shape")
 

@@ -14,6 +14,7 @@ import functools
 import types
 from typing import Any, Callable, Mapping
 
+from vdm import checks
 from vdm import learned_schedules
 from vdm import process
 from vdm import schedules
@@ -119,10 +120,10 @@ def check(*, schedule: str, gamma_min: float, gamma_max: float,
     raise ValueError(
         f"gamma_min={gamma_min} must be < gamma_max={gamma_max}; "
         "set config.model.gamma_min / gamma_max (paper: -13.3, 5.0).")
-  process.check_int("vocab_size", vocab_size, minimum=2,
-                    hint="Set config.data.vocab_size (256 for 8-bit data).")
-  process.check_int("num_steps", num_steps, minimum=0,
-                    hint="0 = continuous time; set config.model.num_steps.")
+  checks.check_int("vocab_size", vocab_size, minimum=2,
+                   hint="Set config.data.vocab_size (256 for 8-bit data).")
+  checks.check_int("num_steps", num_steps, minimum=0,
+                   hint="0 = continuous time; set config.model.num_steps.")
   if parameterization not in process.PARAMETERIZATIONS:
     raise ValueError(
         f"unknown parameterization {parameterization!r}; known: "

@@ -41,7 +41,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from vdm import process
+from vdm import checks
 
 DATA_AXIS = "data"
 
@@ -172,8 +172,8 @@ def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
   total = jax.device_count()
   if num_devices is None:
     num_devices = total
-  num_devices = process.check_int("num_devices", num_devices,
-                                  hint="Pass None to use every device.")
+  num_devices = checks.check_int("num_devices", num_devices,
+                                 hint="Pass None to use every device.")
   if not 1 <= num_devices <= total:
     raise ValueError(f"num_devices={num_devices} must lie in [1, {total}] "
                      f"(the devices this run sees); pass None to use all.")
@@ -270,7 +270,7 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, *,
     ValueError: not positive, or not divisible by the number of processes or
       by the number of devices in the mesh.
   """
-  global_batch_size = process.check_int(
+  global_batch_size = checks.check_int(
       "batch size", global_batch_size, minimum=1,
       hint="Set config.training.batch_size to a positive multiple of the "
       "device count.")

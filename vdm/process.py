@@ -26,14 +26,13 @@ Conditioning of the conversions (first-order error amplification, float32):
     every noise level; `eps_to_v` divides by alpha_t and `x_to_v` by sigma_t.
 
 Also here, because every layer uses them: the callable types `GammaFn` and
-`EpsFn`, the per-example broadcast `per_example`, and the argument checks
-(`check_int`, the one integer check of the library; `check_same_shape`,
-`check_per_example`, `check_logsnr_range`, `check_gamma_range`), which run in
-plain Python on static values at trace time (`is_concrete` says when a value
-can be checked).
+`EpsFn`, the per-example broadcast `per_example`, and the array checks
+(`check_same_shape`, `check_per_example`, `check_logsnr_range`,
+`check_gamma_range`), which run in plain Python on static values at trace
+time (`is_concrete` says when a value can be checked). The integer check is
+`vdm.checks.check_int`, kept free of jax for the input pipeline.
 """
-import operator
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,50 +47,6 @@ PARAMETERIZATIONS = ("eps", "x", "v")
 
 # ----------------------------------------------------------------------------
 # Argument checks (plain Python on static values; free at run time).
-
-
-def check_int(name: str, value, *, minimum: Optional[int] = None,
-              maximum: Optional[int] = None, hint: str = "") -> int:
-  """Returns `value` as an int if it is an integer in [minimum, maximum].
-
-  Python ints and integer scalars of numpy and (concrete) jax pass; floats,
-  bools and tracers do not, so a static argument traced by mistake is caught.
-
-  Args:
-    name: the argument's name, quoted in the error.
-    value: the value to check.
-    minimum: smallest allowed value, or None for no bound.
-    maximum: largest allowed value, or None for no bound.
-    hint: a sentence appended to the error saying how to fix it.
-  Returns:
-    `value` as a Python int.
-  Raises:
-    TypeError: `value` is not an integer (floats and bools are refused).
-    ValueError: `value` is outside [minimum, maximum].
-
-  Example:
-    >>> from vdm import process
-    >>> process.check_int("num_steps", 4, minimum=1)
-    4
-  """
-  suffix = f" {hint}" if hint else ""
-  try:
-    if isinstance(value, bool):
-      raise TypeError
-    number = operator.index(value)
-  except TypeError:
-    raise TypeError(f"{name} must be an int; got {value!r} "
-                    f"({type(value).__name__}).{suffix}") from None
-  if minimum is not None and maximum is not None:
-    expected = f"in [{minimum}, {maximum}]"
-  elif minimum is not None:
-    expected = f">= {minimum}"
-  else:
-    expected = f"<= {maximum}"
-  if ((minimum is not None and number < minimum)
-      or (maximum is not None and number > maximum)):
-    raise ValueError(f"{name} must be {expected}; got {number!r}.{suffix}")
-  return number
 
 
 def is_concrete(*values) -> bool:

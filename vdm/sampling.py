@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm import checks
 from vdm import elbo
 from vdm import process
 
@@ -43,7 +44,7 @@ DECODE_MODES = ("argmax", "sample")
 
 
 def _check_num_steps(num_steps) -> None:
-  process.check_int(
+  checks.check_int(
       "num_steps", num_steps, minimum=1,
       hint="Pass it as a static argument under jax.jit, e.g. num_steps=1000 "
       "for ancestral sampling.")
@@ -413,8 +414,8 @@ def ddim_invert(z_0: jax.typing.ArrayLike, eps_fn: process.EpsFn,
     raise ValueError(f"ddim_invert runs t upwards: need t_end > t_start; got "
                      f"t_start={t_start}, t_end={t_end}. Use ddim_from to go "
                      "from noise to data.")
-  process.check_int("num_fixed_point_iters", num_fixed_point_iters,
-                    minimum=0, hint="Use 0 for the DDIM paper's encoder.")
+  checks.check_int("num_fixed_point_iters", num_fixed_point_iters,
+                   minimum=0, hint="Use 0 for the DDIM paper's encoder.")
   z_0 = jnp.asarray(z_0, jnp.float32)
   batch_size, ndim = _check_shape(z_0.shape)[0], z_0.ndim
   t_lo, t_hi = float(t_start), float(t_end)
@@ -534,7 +535,7 @@ def progressive(key: jax.Array, eps_fn: process.EpsFn,
     raise ValueError(f"unknown sampler {sampler!r}; known: "
                      f"{', '.join(SAMPLERS)}.")
   eta = _check_eta(eta)
-  num_frames = process.check_int(
+  num_frames = checks.check_int(
       "num_frames", num_frames, minimum=1, maximum=num_steps + 1,
       hint="Frames are taken between steps: at most num_steps + 1.")
   if sampler == "ancestral":
