@@ -29,19 +29,23 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(PY) -m vdm.main --config=configs/mnist5k.py --workdir=$(WORKDIR)
 
-# The suite runs with tcmalloc preloaded when it is installed, as
-# `python -m vdm.main` does (vdm/runtime.py: faster XLA:CPU steps).
+# The suite runs with the allocator `python -m vdm.main` preloads (mimalloc,
+# else tcmalloc; vdm/runtime.py: faster XLA:CPU steps).
 test: $(VENV)/.installed-test
-	LD_PRELOAD="$$($(PY) -c 'from vdm import runtime; print(runtime.tcmalloc_environment().get("LD_PRELOAD", ""))')" \
-	  $(PY) -m pytest -q tests
+	$(PY) -c 'from vdm import runtime; import shlex; print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in runtime.allocator_environment().items() if k == "LD_PRELOAD" or k.startswith("MIMALLOC_")))' > $(VENV)/.allocator-env
+	. $(VENV)/.allocator-env && $(PY) -m pytest -q tests
 
-# Train-step benchmark vs the official code (see README's results).
+# Train step, eval and sampling vs the official code (see README's results);
+# peer_env.sh fetches the official code at its pinned commit when
+# ../shared/peers is absent and applies experiments/official/official.patch.
 bench: $(VENV)/.installed
 	bash experiments/peer_env.sh
 	$(PY) experiments/benchmark_train.py --preset tiny --batch_size 16
+	$(PY) experiments/benchmark_eval.py --mode eval --preset tiny --batch_size 16
+	$(PY) experiments/benchmark_eval.py --mode sample --preset tiny --batch_size 16
 
-# Optional, Debian/Ubuntu (needs root): tcmalloc, which vdm.main and the
-# benchmarks preload on CPU (up to ~1.2x faster train steps; README).
+# Optional, Debian/Ubuntu (needs root): tcmalloc, the fallback allocator
+# when mimalloc (a pip dependency on Linux) is missing.
 tcmalloc:
 	apt-get install -y libtcmalloc-minimal4
 

@@ -25,9 +25,15 @@ from typing import Any, Callable
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 # The official code and the interpreter that runs it (PEER_DIR / PEER_PYTHON
-# in the environment override both, e.g. on a machine with its own venv).
-PEER_DIR = os.environ.get("PEER_DIR") or os.path.join(
-    REPO, "..", "shared", "peers", "google-research-vdm")
+# in the environment override both, e.g. on a machine with its own venv):
+# ../shared/peers where it exists (offline), else the clone at the pinned
+# commit that experiments/peer_env.sh makes, patched by
+# experiments/official/official.patch.
+_SHARED_PEER = os.path.join(REPO, "..", "shared", "peers",
+                            "google-research-vdm")
+PEER_DIR = os.environ.get("PEER_DIR") or (
+    _SHARED_PEER if os.path.isdir(_SHARED_PEER)
+    else os.path.join(HERE, ".peer-src"))
 PEER_PYTHON = os.environ.get("PEER_PYTHON") or os.path.join(
     HERE, ".peer-venv", "bin", "python")
 IMAGE_SHAPE = (32, 32, 3)

@@ -13,6 +13,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vdm import parallel
 
@@ -31,7 +32,9 @@ def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
     batch_size: global eval batch size.
     num_dims: elements of one example (D in bits per dim).
   Returns:
-    {'bpd', 'bpd_recon', 'bpd_prior', 'bpd_diff', 'num_examples', 'split'}.
+    {'bpd', 'bpd_recon', 'bpd_prior', 'bpd_diff', 'bpd_se' (Monte Carlo
+    standard error of 'bpd' from the K draws' spread; None for K = 1),
+    'num_draws', 'num_examples', 'split'}.
   """
   totals = None
   batches = ds.eval_batches(split, batch_size=batch_size,
@@ -52,6 +55,12 @@ def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
   to_bpd = 1.0 / (count * num_dims * math.log(2.0))
   result = {("bpd" if k == "total" else f"bpd_{k}"):
             float(totals[k]) * to_bpd for k in TERMS}
+  # The K draws' split means are i.i.d.: their spread is the Monte Carlo
+  # standard error of `bpd` for this split (none with one draw).
+  draws = np.asarray(totals["total_draws"], np.float64) * to_bpd
+  result["num_draws"] = int(draws.size)
+  result["bpd_se"] = (float(draws.std(ddof=1) / math.sqrt(draws.size))
+                      if draws.size > 1 else None)
   result["num_examples"] = count
   result["split"] = split
   return result

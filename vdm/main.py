@@ -113,7 +113,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_tcmalloc()   # on CPU, if installed: up to ~1.2x faster
+  runtime.reexec_with_allocator()  # on CPU: mimalloc or tcmalloc, ~1.2x faster
   flags.mark_flags_as_required(["config", "workdir"])
   jax.config.config_with_absl()
   app.run(main)

@@ -164,18 +164,35 @@ def train_step(state: TrainState, batch: dict, *, model: model_lib.Model,
 
 
 def eval_step(params, batch: dict, batch_index: jax.Array, *,
-              model: model_lib.Model, eval_key: jax.Array) -> dict:
+              model: model_lib.Model, eval_key: jax.Array,
+              num_draws: int = 1) -> dict:
   """Sums of the per-example ELBO terms (nats) over the real examples.
 
-  The key is fold_in(eval_key, batch_index): the same parameters give the
-  same bpd to the last bit.
+  The key of draw 0 is fold_in(eval_key, batch_index) (one draw reproduces
+  the single-draw eval to the last bit); draw k >= 1 uses fold_in(that key,
+  k), independent draws of (t, eps), so the split means of the K draws are
+  i.i.d. and their spread gives the Monte Carlo standard error
+  (`evaluate.evaluate_split`). Terms are averaged over the draws;
+  'total_draws' [K] holds each draw's sum of the total.
   """
   key = jax.random.fold_in(eval_key, batch_index)
   x = batch["image"].astype(jnp.int32)
   labels = batch["label"] if model.num_classes else None
-  terms = model.elbo_terms(params, x, labels, key)
   mask = batch["mask"].astype(jnp.float32)
-  sums = {k: jnp.sum(v * mask) for k, v in terms.items()}
+
+  def draw_sums(key_k):
+    terms = model.elbo_terms(params, x, labels, key_k)
+    return {k: jnp.sum(v * mask) for k, v in terms.items()}
+
+  if num_draws == 1:
+    sums = draw_sums(key)
+    sums["total_draws"] = sums["total"][None]
+  else:
+    keys = jnp.stack([key] + [jax.random.fold_in(key, k)
+                              for k in range(1, num_draws)])
+    per_draw = jax.lax.map(draw_sums, keys)
+    sums = {k: jnp.mean(v) for k, v in per_draw.items()}
+    sums["total_draws"] = per_draw["total"]
   sums["count"] = jnp.sum(mask)
   return sums
 
@@ -248,7 +265,8 @@ def make_train_step(model: model_lib.Model, *, seed: int, ema_decay: float,
 
 def make_eval_step(model: model_lib.Model, *, eval_seed: int,
                    params_sharding: Any, mesh: jax.sharding.Mesh,
-                   batch_sharding: jax.sharding.Sharding | None = None
+                   batch_sharding: jax.sharding.Sharding | None = None,
+                   num_draws: int = 1
                    ) -> Callable[[Any, dict, jax.Array], dict]:
   """The compiled eval step `(params, batch, batch_index) -> sums`.
 
@@ -260,14 +278,20 @@ def make_eval_step(model: model_lib.Model, *, eval_seed: int,
       `ema_params`).
     mesh: the device mesh.
     batch_sharding: of the batch; default `parallel.data_sharding(mesh)`.
+    num_draws: K >= 1 draws of (t, eps) per example (`eval_step`); the
+      eval costs K times one draw's.
   Returns:
     The jitted `eval_step`, sums replicated.
   """
+  if not isinstance(num_draws, int) or num_draws < 1:
+    raise ValueError(f"num_draws={num_draws!r}: pass an int >= 1 (draws of "
+                     "(t, eps) per eval example).")
   if batch_sharding is None:
     batch_sharding = parallel.data_sharding(mesh)
   repl = parallel.replicated(mesh)
   eval_fn = functools.partial(eval_step, model=model,
-                              eval_key=jax.random.key(eval_seed))
+                              eval_key=jax.random.key(eval_seed),
+                              num_draws=num_draws)
   return runtime.jit(eval_fn,
                      in_shardings=(params_sharding, batch_sharding, repl),
                      out_shardings=repl)
