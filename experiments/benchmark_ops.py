@@ -109,5 +109,5 @@ def main():
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_tcmalloc()   # time the ops as vdm.main runs them
+  runtime.reexec_with_allocator()   # time the ops as vdm.main runs them
   main()

@@ -10,14 +10,16 @@ linear schedule, continuous time, AdamW + EMA as configured in
 configs/cifar10.py. Each implementation runs in its own process (the
 official code registers itself as the package `vdm`, and peak RSS must be
 per implementation); the official one runs
-../shared/peers/google-research-vdm/bench_official.py --path jit (one jit
-call per step; on XLA:CPU its lax.scan path is ~12x slower for reasons
-unrelated to VDM, see the peer's README) in experiments/.peer-venv
-(experiments/peer_env.sh creates it). This library's step is the one a run
+experiments/official/bench_official.py --mode train (the official train step,
+one jit call per step; on XLA:CPU its lax.scan path is ~12x slower for
+reasons unrelated to VDM) in experiments/.peer-venv on the official code at
+its pinned commit with the project's compatibility patch
+(experiments/peer_env.sh sets both up). This library's step is the one a run
 ships: built by `vdm.train.make_train_step` (through experiments/_bench.py)
 with the run's shardings, key and XLA:CPU options (`vdm.runtime.jit`), on a
-one-device mesh, and run with tcmalloc preloaded when it is installed (as
-vdm.main does: `vdm.runtime.reexec_with_tcmalloc`);
+one-device mesh, and run with the allocator vdm.main preloads (mimalloc, else
+tcmalloc: `vdm.runtime.allocator_environment`; VDM_ALLOCATOR=system or
+VDM_MALLOC=0 for glibc's), named in the JSON's `allocator`;
 --official_with_our_xla_options adds a row for the official step under the
 same options and allocator (as XLA_FLAGS and LD_PRELOAD), to separate what
 they give from what the code gives.
@@ -84,27 +86,46 @@ def _official_xla_flags() -> str:
                   + runtime.cpu_xla_flags()).strip()
 
 
-def _tcmalloc_environment() -> dict[str, str]:
-  """This environment with tcmalloc preloaded (if installed), as vdm.main
-  runs."""
+def _allocator_environment() -> dict[str, str]:
+  """This environment with the allocator vdm.main runs with preloaded."""
   sys.path.insert(0, _bench.REPO)
   from vdm import runtime  # pylint: disable=g-import-not-at-top
-  return runtime.tcmalloc_environment()
+  return runtime.allocator_environment()
+
+
+def _preloaded_allocator(env: dict[str, str]) -> str:
+  """The allocator LD_PRELOAD in `env` names, or 'system'."""
+  preload = env.get("LD_PRELOAD", "")
+  for name in ("mimalloc", "tcmalloc"):
+    if f"lib{name}" in preload:
+      return name
+  return "system"
+
+
+OFFICIAL_SCRIPT = os.path.join(_bench.HERE, "official", "bench_official.py")
 
 
 def run_official(preset: str, batch_size: int, steps: int, warmup: int,
-                 seed: int, our_xla_options: bool = False) -> dict | None:
+                 seed: int, our_xla_options: bool = False, mode: str = "train",
+                 extra_args: tuple[str, ...] = ()) -> dict | None:
+  """Times the official code's `mode` step in its own process
+  (experiments/official/bench_official.py in experiments/.peer-venv).
+
+  With `our_xla_options`, under this library's XLA:CPU options (as
+  XLA_FLAGS) and allocator (as LD_PRELOAD). Returns its JSON record, or None
+  (with the reason on stderr) when the peer venv is missing or it failed.
+  """
   if not os.path.exists(_bench.PEER_PYTHON):
     print(f"[official] skipped: {_bench.PEER_PYTHON} missing; create it with "
           "bash experiments/peer_env.sh", file=sys.stderr)
     return None
-  cmd = [_bench.PEER_PYTHON,
-         os.path.join(_bench.PEER_DIR, "bench_official.py"),
-         "--preset", preset, "--path", "jit", "--batch_size", str(batch_size),
-         "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed)]
+  cmd = [_bench.PEER_PYTHON, OFFICIAL_SCRIPT, "--peer_dir", _bench.PEER_DIR,
+         "--preset", preset, "--mode", mode, "--batch_size", str(batch_size),
+         "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed),
+         *extra_args]
   env = dict(os.environ)
   if our_xla_options:
-    env = _tcmalloc_environment()
+    env = _allocator_environment()
     env["XLA_FLAGS"] = _official_xla_flags()
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                         env=env)
@@ -114,7 +135,7 @@ def run_official(preset: str, batch_size: int, steps: int, warmup: int,
   line = [l for l in proc.stdout.splitlines() if l.startswith("{")][-1]
   record = json.loads(line)
   record["impl"] = "official+opts" if our_xla_options else "official"
-  record["tcmalloc"] = "tcmalloc" in env.get("LD_PRELOAD", "")
+  record["allocator"] = _preloaded_allocator(env)
   return record
 
 
@@ -132,7 +153,7 @@ def main():
                       help="also time the official step compiled with this "
                       "library's XLA:CPU options (vdm.runtime."
                       "CPU_COMPILER_OPTIONS, as XLA_FLAGS) and allocator "
-                      "(tcmalloc, as LD_PRELOAD, when installed): how much "
+                      "(as LD_PRELOAD): how much "
                       "of the speed-up is the runtime and how much the "
                       "code")
   parser.add_argument("--_child", action="store_true",
@@ -152,7 +173,7 @@ def main():
            "--steps", str(steps), "--warmup", str(args.warmup),
            "--seed", str(args.seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                          env=_tcmalloc_environment())
+                          env=_allocator_environment())
     records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   if args.impl in ("official", "both"):
     record = run_official(args.preset, args.batch_size, steps, args.warmup,
@@ -171,11 +192,11 @@ def main():
         f"machine={platform.processor() or platform.machine()} "
         f"cpus={os.cpu_count()} commit={commit}")
   print(f"{'impl':<14}{'params':>12}{'compile_s':>11}{'step_s':>9}"
-        f"{'img/s':>9}{'peak_MB':>10}{'tcmalloc':>10}")
+        f"{'img/s':>9}{'peak_MB':>10}{'allocator':>11}")
   for r in records:
     print(f"{r['impl']:<14}{r['param_count']:>12,}{r['compile_s']:>11.1f}"
           f"{r['step_s_median']:>9.3f}{r['images_per_s']:>9.2f}"
-          f"{r['peak_rss_mb']:>10.0f}{'yes' if r['tcmalloc'] else 'no':>10}")
+          f"{r['peak_rss_mb']:>10.0f}{r['allocator']:>11}")
   if len(records) >= 2 and records[0]["impl"] == "vdm":
     ours = records[0]
     for theirs in records[1:]:

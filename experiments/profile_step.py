@@ -161,5 +161,5 @@ def main():
 
 if __name__ == "__main__":
   from vdm import runtime  # pylint: disable=g-import-not-at-top
-  runtime.reexec_with_tcmalloc()   # profile the step as vdm.main runs it
+  runtime.reexec_with_allocator()   # profile the step as vdm.main runs it
   main()

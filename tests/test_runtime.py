@@ -1,4 +1,4 @@
-"""Tests for vdm/runtime.py: XLA:CPU compile options, tcmalloc preloading.
+"""Tests for vdm/runtime.py: XLA:CPU compile options, allocator preloading.
 
 The compile-option test reads the YNNPACK fusions in the compiled HLO text:
 what the options are for is where XLA:CPU sends each op.
@@ -72,7 +72,7 @@ def test_cpu_compiler_options_move_convolutions_and_keep_the_numbers(
 _ALLOCATOR_PROBE = """
 import resource
 from vdm import runtime
-runtime.reexec_with_tcmalloc()
+runtime.reexec_with_allocator()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x + 1.0)
 x = jnp.zeros((8, 1024, 1024), jnp.float32)          # 32 MB per output
@@ -82,40 +82,68 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
   y = f(x).block_until_ready()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(runtime.tcmalloc_loaded(), faults, float(y[0, 0, 0]))
+print(runtime.loaded_allocator(), faults, float(y[0, 0, 0]))
 """
 
 
-@pytest.mark.skipif(runtime.find_tcmalloc() is None,
-                    reason="tcmalloc not installed")
-def test_reexec_with_tcmalloc_reuses_xla_buffers():
-  # With glibc's malloc each 32 MB output is a fresh mmap, faulted in page
-  # by page (8192 4-KiB pages per call); the process restarted with tcmalloc
-  # reuses the freed pages. VDM_TCMALLOC=0 keeps glibc.
+def _probe_allocator(**extra):
   env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "VDM_TCMALLOC", "VDM_TCMALLOC_TRIED")}
+         if k not in ("LD_PRELOAD", "VDM_MALLOC", "VDM_ALLOCATOR",
+                      "VDM_ALLOCATOR_TRIED", "MIMALLOC_PURGE_DELAY")}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="",
-             PYTHONPATH=multiprocess_util.REPO_ROOT)
-  def probe(**extra):
-    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE],
-                         env={**env, **extra}, capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
-    return out[0], int(out[1]), float(out[2])
-  loaded, faults, value = probe()
-  assert (loaded, value) == ("True", 1.0) and faults < 8192
-  loaded, faults, value = probe(VDM_TCMALLOC="0")
-  assert (loaded, value) == ("False", 1.0) and faults >= 10 * 8192
+             PYTHONPATH=multiprocess_util.REPO_ROOT, **extra)
+  out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], env=env,
+                       capture_output=True, text=True, timeout=120,
+                       check=True).stdout.split()
+  return out[0], int(out[1]), float(out[2])
 
 
-def test_tcmalloc_environment(monkeypatch):
-  monkeypatch.setattr(runtime, "find_tcmalloc", lambda: "libtcm.so.4")
-  env = runtime.tcmalloc_environment({"LD_PRELOAD": "libother.so", "A": "1"})
-  assert env == {"LD_PRELOAD": "libtcm.so.4 libother.so", "A": "1"}
-  assert runtime.tcmalloc_environment(env) == env      # not twice
-  off = {"VDM_TCMALLOC": "0"}
-  assert runtime.tcmalloc_environment(off) == off
-  monkeypatch.setattr(runtime, "find_tcmalloc", lambda: None)
-  assert runtime.tcmalloc_environment({}) == {}
+@pytest.mark.skipif(runtime.find_allocator("mimalloc") is None,
+                    reason="cmeel-mimalloc not installed (a dependency on "
+                    "Linux x86_64/aarch64: pip install -e .)")
+def test_reexec_with_allocator_reuses_xla_buffers():
+  # With glibc's malloc each 32 MB output is a fresh mmap, faulted in page
+  # by page (8192 4-KiB pages per call); the process restarted with mimalloc
+  # (the default, from the package index) reuses the freed pages.
+  # VDM_MALLOC=0 keeps glibc.
+  name, faults, value = _probe_allocator()
+  assert (name, value) == ("mimalloc", 1.0) and faults < 8192
+  name, faults, value = _probe_allocator(VDM_MALLOC="0")
+  assert (name, value) == ("system", 1.0) and faults >= 10 * 8192
+
+
+@pytest.mark.skipif(runtime.find_allocator("tcmalloc") is None,
+                    reason="tcmalloc not installed")
+def test_reexec_with_tcmalloc_when_asked():
+  name, faults, value = _probe_allocator(VDM_ALLOCATOR="tcmalloc")
+  assert (name, value) == ("tcmalloc", 1.0) and faults < 8192
+
+
+def test_allocator_environment(monkeypatch):
+  installed = {"mimalloc": "/site/libmimalloc.so", "tcmalloc": "libtcm.so.4"}
+  monkeypatch.setattr(runtime, "find_allocator", installed.get)
+  env = runtime.allocator_environment({"LD_PRELOAD": "libother.so", "A": "1"})
+  assert env == {"LD_PRELOAD": "/site/libmimalloc.so libother.so", "A": "1",
+                 "MIMALLOC_PURGE_DELAY": "-1"}
+  assert runtime.allocator_environment(env) == env      # not twice
+  kept = {"MIMALLOC_PURGE_DELAY": "100"}                  # the user's setting
+  assert runtime.allocator_environment(kept)["MIMALLOC_PURGE_DELAY"] == "100"
+  assert runtime.allocator_environment({"VDM_ALLOCATOR": "tcmalloc"}) == {
+      "VDM_ALLOCATOR": "tcmalloc", "LD_PRELOAD": "libtcm.so.4"}
+  for off in ({"VDM_MALLOC": "0"}, {"VDM_ALLOCATOR": "system"}):
+    assert runtime.allocator_environment(off) == off
+  del installed["mimalloc"]                               # the fallback
+  assert runtime.choose_allocator({}) == "tcmalloc"
+  installed.clear()
+  assert runtime.allocator_environment({}) == {}
+  assert runtime.choose_allocator({"VDM_ALLOCATOR": "mimalloc"}) == "system"
+  with pytest.raises(ValueError, match="VDM_ALLOCATOR='jemalloc'"):
+    runtime.choose_allocator({"VDM_ALLOCATOR": "jemalloc"})
+
+
+def test_find_allocator_refuses_unknown_names():
+  with pytest.raises(ValueError, match="unknown allocator 'jemalloc'"):
+    runtime.find_allocator("jemalloc")
 
 
 def test_jit_refuses_its_own_argument():

@@ -9,16 +9,18 @@ in one place:
   `train.make_eval_step`), the sampler and every benchmark compile through it,
   so what a benchmark times is what a run ships. Set VDM_XLA_CPU_DEFAULTS=0 to
   compile with XLA's defaults.
-- `reexec_with_tcmalloc()`: the entry points' first statement; restarts the
-  process with tcmalloc preloaded on CPU when it is installed. Set
-  VDM_TCMALLOC=0 to keep the system allocator.
+- `reexec_with_allocator()`: the entry points' first statement; on CPU,
+  restarts the process with a fast allocator preloaded: mimalloc (the
+  cmeel-mimalloc wheel, installed with this package on Linux) or else
+  tcmalloc when the system has it. VDM_ALLOCATOR=mimalloc|tcmalloc|system
+  picks one; VDM_MALLOC=0 keeps the system allocator.
 
 Why each setting helps, and what was measured and tried: docs/performance.md.
 
 Example (a script of your own, as `python -m vdm.main` does):
 
   from vdm import runtime
-  runtime.reexec_with_tcmalloc()       # before JAX starts
+  runtime.reexec_with_allocator()      # before JAX starts
   step = runtime.jit(my_step, donate_argnums=(0,))
 """
 
@@ -104,72 +106,136 @@ def cpu_xla_flags() -> list[str]:
   return [f"--{name}={value}" for name, value in CPU_COMPILER_OPTIONS.items()]
 
 
-# tcmalloc: XLA:CPU mallocs each step's large temporaries on its worker
-# threads; glibc maps (and page-faults in) such blocks afresh on every call,
-# tcmalloc keeps the freed pages for reuse.
-TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
-ENV_TCMALLOC = "VDM_TCMALLOC"                 # '0': never preload tcmalloc
-_TCMALLOC_TRIED = "VDM_TCMALLOC_TRIED"        # set by the re-exec (no loop)
+# The host allocator: XLA:CPU mallocs each step's large temporaries on its
+# worker threads; glibc maps (and page-faults in) such blocks afresh on every
+# call, mimalloc and tcmalloc keep the freed pages for reuse. mimalloc comes
+# from the package index (the cmeel-mimalloc wheel, a dependency on Linux), so
+# no root is needed; tcmalloc (a system package) is the fallback.
+ALLOCATORS = ("mimalloc", "tcmalloc")   # in order of preference
+ENV_ALLOCATOR = "VDM_ALLOCATOR"   # 'mimalloc', 'tcmalloc' or 'system'
+ENV_MALLOC = "VDM_MALLOC"         # '0': keep the system allocator
+_ALLOCATOR_TRIED = "VDM_ALLOCATOR_TRIED"  # set by the re-exec (no loop)
+# Settings an allocator gets unless the environment sets them already.
+# mimalloc: keep freed pages instead of returning them to the OS after 10 ms
+# (its default), which would page-fault them in again on the next step.
+ALLOCATOR_SETTINGS = {"mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"},
+                      "tcmalloc": {}}
+_TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
+_MIMALLOC_WHEEL = ("cmeel-mimalloc", "cmeel.prefix/lib/libmimalloc.so")
 
 
-def find_tcmalloc() -> Optional[str]:
-  """The installed tcmalloc's library name (for LD_PRELOAD), or None.
+def find_allocator(name: str) -> Optional[str]:
+  """The library to preload for allocator `name`, or None if not installed.
 
-  Debian/Ubuntu: `apt install libtcmalloc-minimal4`; conda: gperftools.
+  Args:
+    name: 'mimalloc' (the cmeel-mimalloc wheel's libmimalloc.so, a path) or
+      'tcmalloc' (the system's, a library name: Debian/Ubuntu `apt install
+      libtcmalloc-minimal4`, conda gperftools).
+  Returns:
+    A path or library name for LD_PRELOAD, or None.
+  Raises:
+    ValueError: `name` is not one of `ALLOCATORS`.
   """
-  for name in TCMALLOC_LIBRARIES:
-    found = ctypes.util.find_library(name)
+  if name not in ALLOCATORS:
+    raise ValueError(f"unknown allocator {name!r}; expected one of "
+                     f"{ALLOCATORS} (or 'system' in {ENV_ALLOCATOR}).")
+  if name == "mimalloc":
+    distribution, relative = _MIMALLOC_WHEEL
+    try:
+      path = importlib.metadata.distribution(distribution).locate_file(
+          relative)
+    except importlib.metadata.PackageNotFoundError:
+      return None
+    return str(path) if os.path.exists(str(path)) else None
+  for library in _TCMALLOC_LIBRARIES:
+    found = ctypes.util.find_library(library)
     if found:
       return found
   return None
 
 
-def tcmalloc_loaded() -> bool:
-  """Whether this process runs with tcmalloc (e.g. via LD_PRELOAD)."""
+def choose_allocator(env: Optional[dict[str, str]] = None) -> str:
+  """The allocator a CPU process with environment `env` should run with.
+
+  Args:
+    env: the environment (default os.environ); VDM_MALLOC=0 or
+      VDM_ALLOCATOR=system select the system allocator, VDM_ALLOCATOR=NAME
+      one of `ALLOCATORS`; unset: the first installed one of `ALLOCATORS`.
+  Returns:
+    'mimalloc', 'tcmalloc' or 'system' (also when the one asked for is not
+    installed: then a warning says so).
+  Raises:
+    ValueError: VDM_ALLOCATOR holds an unknown name.
+  """
+  env = os.environ if env is None else env
+  wanted = env.get(ENV_ALLOCATOR, "").strip().lower()
+  if env.get(ENV_MALLOC) == "0" or wanted == "system":
+    return "system"
+  if wanted and wanted not in ALLOCATORS:
+    raise ValueError(f"{ENV_ALLOCATOR}={wanted!r}; expected one of "
+                     f"{ALLOCATORS + ('system',)} (or unset: the first "
+                     "installed of " + ", ".join(ALLOCATORS) + ").")
+  for name in (wanted,) if wanted else ALLOCATORS:
+    if find_allocator(name):
+      return name
+  if wanted:
+    logging.warning("%s=%s but %s is not installed (mimalloc: pip install "
+                    "cmeel-mimalloc; tcmalloc: apt install "
+                    "libtcmalloc-minimal4); using the system allocator.",
+                    ENV_ALLOCATOR, wanted, wanted)
+  return "system"
+
+
+def loaded_allocator() -> str:
+  """The allocator this process runs with: 'mimalloc', 'tcmalloc' (e.g.
+  preloaded) or 'system'."""
   try:
     with open("/proc/self/maps") as f:
-      return "libtcmalloc" in f.read()
+      maps = f.read()
   except OSError:
-    return False
+    return "system"
+  for name in ALLOCATORS:
+    if f"lib{name}" in maps:
+      return name
+  return "system"
 
 
-def tcmalloc_environment(env: Optional[dict[str, str]] = None
-                         ) -> dict[str, str]:
-  """`env` (default os.environ) with tcmalloc added to LD_PRELOAD, for a
-  child process that computes on the CPU; unchanged when tcmalloc is not
-  installed or VDM_TCMALLOC=0."""
+def allocator_environment(env: Optional[dict[str, str]] = None
+                          ) -> dict[str, str]:
+  """`env` (default os.environ) with the chosen allocator (`choose_allocator`)
+  in LD_PRELOAD and its `ALLOCATOR_SETTINGS`, for a child process that
+  computes on the CPU; unchanged for 'system' or when LD_PRELOAD already
+  holds an allocator of `ALLOCATORS`."""
   env = dict(os.environ if env is None else env)
-  library = find_tcmalloc()
-  if library is None or env.get(ENV_TCMALLOC) == "0":
-    return env
+  name = choose_allocator(env)
   preload = env.get("LD_PRELOAD", "")
-  if library not in preload.split() and "libtcmalloc" not in preload:
-    env["LD_PRELOAD"] = " ".join(p for p in (library, preload) if p)
+  if name == "system" or any(f"lib{a}" in preload for a in ALLOCATORS):
+    return env
+  env["LD_PRELOAD"] = " ".join(p for p in (find_allocator(name), preload) if p)
+  for key, value in ALLOCATOR_SETTINGS[name].items():
+    env.setdefault(key, value)
   return env
 
 
-def reexec_with_tcmalloc() -> None:
-  """Restarts this process (same pid, argv, environment) with tcmalloc
-  preloaded, when that helps and is possible; else returns.
+def reexec_with_allocator() -> None:
+  """Restarts this process (same pid, argv, environment) with the fast
+  allocator preloaded (`allocator_environment`), when that helps and is
+  possible; else returns.
 
   For the entry points (`python -m vdm.main`, the benchmarks), as the first
-  statement, before JAX starts. Returns without restarting when tcmalloc is
-  already loaded or not installed (then it logs how to install it), when JAX
-  may run on a GPU/TPU (host allocations matter little there), when
-  VDM_TCMALLOC=0, or after one attempt.
+  statement, before JAX starts. Returns without restarting when an
+  allocator of `ALLOCATORS` is already loaded, none is installed or the
+  environment selects the system's (`choose_allocator`), when JAX may run on
+  a GPU/TPU (host allocations matter little there), off Linux, or after one
+  attempt.
   """
-  if (tcmalloc_loaded() or os.environ.get(ENV_TCMALLOC) == "0"
-      or os.environ.get(_TCMALLOC_TRIED) or sys.platform != "linux"
-      or not _cpu_backend_expected()):
+  if (loaded_allocator() != "system" or os.environ.get(_ALLOCATOR_TRIED)
+      or sys.platform != "linux" or not _cpu_backend_expected()):
     return
-  env = tcmalloc_environment()
+  env = allocator_environment()
   if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
-    logging.warning(
-        "tcmalloc not found: CPU train steps run up to ~1.2x faster with it "
-        "(Debian/Ubuntu: apt install libtcmalloc-minimal4; set %s=0 to "
-        "silence this).", ENV_TCMALLOC)
     return
-  env[_TCMALLOC_TRIED] = "1"
+  env[_ALLOCATOR_TRIED] = "1"
   argv = getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv
   sys.stdout.flush()
   sys.stderr.flush()
@@ -197,4 +263,4 @@ def _cpu_backend_expected() -> bool:
 def describe() -> dict[str, Any]:
   """The runtime settings in effect, for benchmark records and logs."""
   return {"xla_compiler_options": compiler_options(),
-          "tcmalloc": tcmalloc_loaded()}
+          "allocator": loaded_allocator()}
