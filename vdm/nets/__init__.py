@@ -33,6 +33,37 @@ NAMES = tuple(_NETS)
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+# config.model.net_kwargs.fused_norm: 'auto' = the fused GroupNorm kernel
+# where it pays (GPU), the plain function elsewhere; 'on' (or True) = the
+# kernel everywhere (on the CPU in the Pallas interpreter: slow, for tests);
+# 'off' (or False) = never. Strings in configs: a ConfigDict field keeps its
+# type, so --config...fused_norm=off overrides 'auto'.
+FUSED_NORM_CHOICES = ("auto", "on", "off", True, False)
+
+
+def resolve_fused_norm(choice: Any, backend: str) -> Optional[str]:
+  """The nets' `fused_norm` field for a config choice on a backend.
+
+  Args:
+    choice: 'auto', 'on' (True) or 'off' (False), `FUSED_NORM_CHOICES`.
+    backend: 'cpu', 'gpu' or 'tpu'.
+  Returns:
+    'triton' (GPU kernel), 'interpret' (the kernel in the Pallas
+    interpreter) or None (the plain `groupnorm.group_norm`).
+  Raises:
+    ValueError: an unknown choice.
+  """
+  if isinstance(choice, bool):
+    choice = "on" if choice else "off"
+  if choice not in ("auto", "on", "off"):
+    raise ValueError(f"unknown fused_norm {choice!r}; known: 'auto', 'on', "
+                     "'off' (or True, False). Set "
+                     "config.model.net_kwargs.fused_norm.")
+  if choice == "off" or (choice == "auto" and backend != "gpu"):
+    return None   # the CPU's fastest (and the TPU's: no Triton there)
+  return "triton" if backend == "gpu" else "interpret"
+
+
 # Old spellings of `num_res_blocks` (before one name served all nets).
 _RENAMED = {"n_blocks": "num_res_blocks", "num_blocks": "num_res_blocks"}
 
@@ -45,9 +76,10 @@ def get(name: str, *, backend: Optional[str] = None,
     name: one of `NAMES`: 'vdm_unet' (the VDM paper's network), 'unet'
       (multi-resolution), 'mlp' (vectors and flattened tiny images).
     backend: the backend the net will be compiled for ('cpu', 'gpu', 'tpu');
-      it picks the attention kernel's query chunking. None: the default
-      backend now, at build time (never read while tracing). Nets without
-      attention ignore it.
+      it picks the attention kernel's query chunking and, for 'vdm_unet',
+      the GroupNorm kernel (`resolve_fused_norm`). None: the default backend
+      now, at build time (never read while tracing). Nets without attention
+      ignore it.
     **kwargs: the net's fields (see its class), e.g. num_res_blocks,
       num_classes, dropout, dtype (a dtype or its name: 'float32',
       'bfloat16'; None = float32).
@@ -71,6 +103,14 @@ def get(name: str, *, backend: Optional[str] = None,
                        f"{', '.join(COMPUTE_DTYPES)}.")
     kwargs["dtype"] = jnp.dtype(dtype)
   net = _NETS[name]
+  backend = backend or jax.default_backend()
   if "backend" in net.__dataclass_fields__:
-    kwargs["backend"] = backend or jax.default_backend()
+    kwargs["backend"] = backend
+  if "fused_norm" in net.__dataclass_fields__:
+    kwargs["fused_norm"] = resolve_fused_norm(
+        kwargs.get("fused_norm", "auto"), backend)
+  elif "fused_norm" in kwargs:
+    raise TypeError(f"net {name!r} has no fused GroupNorm kernel; remove "
+                    "fused_norm from config.model.net_kwargs (only "
+                    "'vdm_unet' takes it).")
   return net(**kwargs)

@@ -118,3 +118,18 @@ def _group_norm_bwd(num_groups, epsilon, swish, residuals, d_out):
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm_backward(num_groups: int, epsilon: float, swish: bool,
+                        residuals: tuple, d_out: jax.Array) -> tuple:
+  """The backward pass of `group_norm`, for kernels that share it.
+
+  Args:
+    num_groups, epsilon, swish: as `group_norm`.
+    residuals: (x [B, ..., C], scale [C], bias [C], mean [B, 1.., C], rstd
+      [B, 1.., C]), the float32 statistics repeated per channel.
+    d_out: [B, ..., C] cotangent of the output.
+  Returns:
+    (d_x in x's dtype, d_scale [C], d_bias [C]).
+  """
+  return _group_norm_bwd(num_groups, epsilon, swish, residuals, d_out)

@@ -4,8 +4,15 @@ attention blocks.
 Conventions for every block: parameters are float32; `dtype` is the compute
 dtype of convolutions and dense layers (None = float32); statistics of norms and
 softmaxes are computed in float32 whatever `dtype` is. The kernels they call
-live in files of their own: `groupnorm`, `attention`, `parts` (convolutions
-over channel parts) and `embeddings` (conditioning).
+live in files of their own: `groupnorm`, `fused_norm` (its GPU kernel),
+`attention`, `parts` (convolutions over channel parts) and `embeddings`
+(conditioning).
+
+`fused_norm` (a field of the norms and blocks) picks the GroupNorm kernel:
+None = `groupnorm.group_norm` (CPU, and any shape the kernel does not take);
+'triton' = the Pallas kernel `fused_norm.group_norm` compiled for the GPU
+(GroupNorm + swish + dropout in one pass); 'interpret' = the same kernel in
+the Pallas interpreter (tests on the CPU). `nets.get` sets it per backend.
 """
 import math
 from typing import Any, Optional
@@ -17,8 +24,20 @@ import jax.numpy as jnp
 
 from vdm.nets import attention
 from vdm.nets import embeddings
+from vdm.nets import fused_norm as fused_norm_lib
 from vdm.nets import groupnorm
 from vdm.nets import parts as parts_lib
+
+
+# The values of the `fused_norm` fields (None = the plain function).
+FUSED_NORM_KINDS = (None, "triton", "interpret")
+
+
+def _check_fused_norm(kind) -> None:
+  if kind not in FUSED_NORM_KINDS:
+    raise ValueError(f"fused_norm={kind!r} is unknown; known: "
+                     f"{FUSED_NORM_KINDS} (nets.get resolves the config's "
+                     "'auto', True and False to one of them).")
 
 
 class GroupNorm(nn.Module):
@@ -31,19 +50,37 @@ class GroupNorm(nn.Module):
   straddle parts (else they are concatenated first), and the result is a tuple
   of parts.
 
+  With `fused_norm` set, parts of a shape `fused_norm.supported` takes go
+  through the fused kernel, which also applies dropout from `dropout_bits`
+  (`Dropout.bits`) in the same pass.
+
   Attributes:
     num_groups: channel groups; must divide the channel count.
     epsilon: added to the variance.
     swish: apply swish to the normalised output.
     dtype: output dtype (None = that of the input).
+    fused_norm: None, 'triton' or 'interpret' (see the module docstring).
   """
   num_groups: int = 32
   epsilon: float = 1e-6
   swish: bool = False
   dtype: Optional[flax_typing.Dtype] = None
+  fused_norm: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: Any) -> Any:
+  def __call__(self, x: Any, dropout_bits: Optional[jax.Array] = None,
+               keep_threshold: int = 65536) -> Any:
+    """Normalises x (an array or channel parts).
+
+    Args:
+      x: [B, ..., C] or a tuple of channel parts.
+      dropout_bits: only with `fused_norm` and a single supported part: the
+        uint16 bits of `Dropout.bits`, applied after swish in the kernel.
+      keep_threshold: the threshold `Dropout.bits` returned.
+    Returns:
+      The normalised x (a tuple of parts if x was one).
+    """
+    _check_fused_norm(self.fused_norm)
     parts = parts_lib.as_parts(x)
     channels = sum(p.shape[-1] for p in parts)
     groupnorm.check_group_divisibility(channels, self.num_groups,
@@ -54,12 +91,35 @@ class GroupNorm(nn.Module):
     group_size = channels // self.num_groups
     if any(p.shape[-1] % group_size for p in parts):
       parts = (jnp.concatenate(parts, axis=-1),)
-    outs = tuple(
-        groupnorm.group_norm(p, scale[rows], bias[rows],
-                             p.shape[-1] // group_size, self.epsilon,
-                             self.swish).astype(self.dtype or p.dtype)
-        for p, rows in zip(parts, parts_lib.part_slices(parts)))
+    if dropout_bits is not None and (
+        len(parts) != 1 or not self.fused_in_kernel(parts[0].shape)):
+      raise ValueError(
+          f"GroupNorm {'/'.join(self.path)}: dropout_bits need the fused "
+          f"kernel (fused_norm set, one part of a supported shape); got "
+          f"fused_norm={self.fused_norm!r}, part shapes "
+          f"{[p.shape for p in parts]}. Apply Dropout after the norm instead.")
+    outs = []
+    for p, rows in zip(parts, parts_lib.part_slices(parts)):
+      num_groups = p.shape[-1] // group_size
+      if self.fused_in_kernel(p.shape, num_groups):
+        outs.append(fused_norm_lib.group_norm(
+            p, scale[rows], bias[rows], num_groups=num_groups,
+            epsilon=self.epsilon, swish=self.swish,
+            dropout_bits=dropout_bits, keep_threshold=keep_threshold,
+            out_dtype=self.dtype or p.dtype,
+            interpret=self.fused_norm == "interpret"))
+      else:
+        outs.append(groupnorm.group_norm(
+            p, scale[rows], bias[rows], num_groups, self.epsilon,
+            self.swish).astype(self.dtype or p.dtype))
+    outs = tuple(outs)
     return outs if isinstance(x, (tuple, list)) else outs[0]
+
+  def fused_in_kernel(self, shape: tuple[int, ...],
+                      num_groups: Optional[int] = None) -> bool:
+    """Whether an input part of `shape` goes through the fused kernel."""
+    return (self.fused_norm is not None and fused_norm_lib.supported(
+        shape, num_groups or self.num_groups))
 
 
 class Dropout(nn.Module):
@@ -76,20 +136,29 @@ class Dropout(nn.Module):
   """
   rate: float
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+  def threshold(self) -> int:
+    """Keep an element when its 16 bits < this; 65536 = keep all."""
     if not 0.0 <= self.rate < 1.0:
       raise ValueError(f"dropout rate must be in [0, 1); got {self.rate}.")
-    threshold = round((1.0 - self.rate) * 65536)          # keep if bits < it
-    if deterministic or threshold >= 65536:
-      return x
-    if threshold == 0:
+    return round((1.0 - self.rate) * 65536)               # keep if bits < it
+
+  def bits(self, shape: tuple[int, ...]) -> jax.Array:
+    """The uint16 draws `__call__` compares with `threshold()` (for a fused
+    kernel that applies the same dropout; rng collection 'dropout')."""
+    if self.threshold() == 0:
       raise ValueError(f"dropout rate {self.rate} rounds to 1 at 16 bits.")
-    size = x.size
+    size = math.prod(shape)
     bits = jax.random.bits(self.make_rng("dropout"), ((size + 1) // 2,),
                            jnp.uint32)
     bits = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(-1)
-    keep = bits[:size].reshape(x.shape) < threshold
+    return bits[:size].reshape(shape)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    threshold = self.threshold()
+    if deterministic or threshold >= 65536:
+      return x
+    keep = self.bits(x.shape) < threshold
     scale = jnp.asarray(65536.0 / threshold, x.dtype)
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
@@ -116,12 +185,15 @@ class ResnetBlock(nn.Module):
     num_groups: GroupNorm groups.
     scale_shift: FiLM conditioning instead of additive.
     dtype: compute dtype.
+    fused_norm: the norms' kernel (see the module docstring); with it, the
+      second norm, swish and dropout are one pass (additive conditioning).
   """
   out_channels: Optional[int] = None
   dropout: float = 0.0
   num_groups: int = 32
   scale_shift: bool = False
   dtype: Optional[flax_typing.Dtype] = None
+  fused_norm: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: Any, emb: jax.Array, *, train: bool) -> jax.Array:
@@ -138,22 +210,30 @@ class ResnetBlock(nn.Module):
           "GroupNorm would remove the additive noise/label conditioning "
           f"entirely; use num_groups <= {out // 2} (e.g. num_groups="
           f"{max(1, out // 4)}).")
-    h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
-                  name="norm_1")(parts)
+    norm = lambda name, swish=True: GroupNorm(
+        self.num_groups, swish=swish, dtype=self.dtype,
+        fused_norm=self.fused_norm, name=name)
+    h = norm("norm_1")(parts)
     h = parts_lib.conv3x3(out, self.dtype, "conv_1")(h)
     if self.scale_shift:
       film = nn.Dense(2 * out, dtype=self.dtype, param_dtype=jnp.float32,
                       name="film")(emb)                        # [B, 2 out]
       scale, shift = jnp.split(embeddings.expand_to(film, h.ndim), 2, axis=-1)
-      h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm_2")(h)
+      h = norm("norm_2", swish=False)(h)
       h = nn.swish(h * (1 + scale) + shift)
+      h = Dropout(self.dropout)(h, deterministic=not train)
     else:
       h = h + embeddings.expand_to(nn.Dense(
           out, use_bias=False, kernel_init=nn.initializers.zeros,
           dtype=self.dtype, param_dtype=jnp.float32, name="cond")(emb), h.ndim)
-      h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
-                    name="norm_2")(h)
-    h = Dropout(self.dropout)(h, deterministic=not train)
+      norm_2 = norm("norm_2")
+      dropout = Dropout(self.dropout)
+      if (train and dropout.threshold() < 65536 and
+          norm_2.fused_in_kernel(h.shape)):
+        # Same bits as Dropout.__call__ (same module, same rng), one pass.
+        h = norm_2(h, dropout.bits(h.shape), dropout.threshold())
+      else:
+        h = dropout(norm_2(h), deterministic=not train)
     h = parts_lib.conv3x3(out, self.dtype, "conv_2", zero_init=True)(h)
     if channels != out:
       x = parts_lib.Dense(out, dtype=self.dtype, name="shortcut")(parts)
@@ -173,11 +253,13 @@ class AttentionBlock(nn.Module):
     backend: the backend the block is compiled for ('cpu', 'gpu', 'tpu'),
       which picks the query chunking (`attention.query_chunk_size`); the nets
       pass theirs, which `nets.get` sets. None: all queries in one step.
+    fused_norm: the norm's kernel (see the module docstring).
   """
   num_heads: int = 1
   num_groups: int = 32
   dtype: Optional[flax_typing.Dtype] = None
   backend: Optional[str] = None
+  fused_norm: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -189,7 +271,8 @@ class AttentionBlock(nn.Module):
       raise ValueError(f"{channels} channels are not divisible by num_heads="
                        f"{self.num_heads}.")
     head_dim = channels // self.num_heads
-    h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+    h = GroupNorm(self.num_groups, dtype=self.dtype,
+                  fused_norm=self.fused_norm, name="norm")(x)
     qkv = nn.Dense(3 * channels, dtype=self.dtype, param_dtype=jnp.float32,
                    name="qkv")(h)
     # [B, N, H, W, D] operands, heads apart from the batch (the kernel lays

@@ -66,6 +66,11 @@ class VDMUNet(nn.Module):
       parameters are float32 and the output is float32.
     backend: the backend it is compiled for, which picks the attention's
       query chunking (`layers.AttentionBlock`); `nets.get` sets it.
+    fused_norm: the GroupNorm kernel, None (plain), 'triton' (the fused
+      GroupNorm + swish + dropout Pallas kernel on a GPU) or 'interpret'
+      (that kernel in the Pallas interpreter, for tests); `nets.get` resolves
+      the config's 'auto' / True / False per backend. Same parameters and
+      the same function either way.
   """
   channels: int = 128
   num_res_blocks: int = 32
@@ -82,6 +87,7 @@ class VDMUNet(nn.Module):
   z_skip: bool = True
   dtype: Optional[flax_typing.Dtype] = None
   backend: Optional[str] = None
+  fused_norm: Optional[str] = None
 
   def _check(self, z_t: jax.Array) -> None:
     if z_t.ndim != 4:
@@ -130,10 +136,10 @@ class VDMUNet(nn.Module):
 
     block = lambda name, out=None: layers.ResnetBlock(
         out, dropout=self.dropout, num_groups=self.num_groups,
-        dtype=self.dtype, name=name)
+        dtype=self.dtype, fused_norm=self.fused_norm, name=name)
     attention_block = lambda name: layers.AttentionBlock(
         self.num_heads, self.num_groups, dtype=self.dtype,
-        backend=self.backend, name=name)
+        backend=self.backend, fused_norm=self.fused_norm, name=name)
 
     skips = [h]
     for i in range(self.num_res_blocks):
@@ -153,7 +159,7 @@ class VDMUNet(nn.Module):
         h = attention_block(f"up_attention_{i}")(h)
 
     h = layers.GroupNorm(self.num_groups, swish=True, dtype=self.dtype,
-                         name="norm_out")(h)
+                         fused_norm=self.fused_norm, name="norm_out")(h)
     out = parts.conv3x3(z.shape[-1], self.dtype, "conv_out",
                         zero_init=True)(h).astype(jnp.float32)
     return out + z if self.z_skip else out
