@@ -12,7 +12,9 @@ Needs the tfds cifar10 dataset prepared in data.data_dir (see README).
 """
 import ml_collections
 
-from configs import mnist5k
+from vdm import config_files
+
+mnist5k = config_files.load_sibling(__file__, "mnist5k")
 
 
 def get_config():
@@ -22,6 +24,9 @@ def get_config():
   config.model.net_kwargs = ml_collections.ConfigDict(dict(
       num_res_blocks=32, channels=128, dropout=0.1, attention=False,
       num_groups=32,
+      # GroupNorm + swish + dropout kernel: auto = fused on GPUs (Pallas),
+      # plain elsewhere | on | off; the same function either way.
+      fused_norm="auto",
       dtype="float32"))  # compute dtype: float32 | bfloat16 | float16
   config.model.schedule = "learned_linear"
   config.training.batch_size = 128

@@ -2,7 +2,9 @@
 
   python -m vdm.main --config=configs/cifar10_small.py --workdir=runs/c10s
 """
-from configs import cifar10
+from vdm import config_files
+
+cifar10 = config_files.load_sibling(__file__, "cifar10")
 
 
 def get_config():

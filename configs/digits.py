@@ -2,7 +2,9 @@
 
   python -m vdm.main --config=configs/digits.py --workdir=runs/digits
 """
-from configs import mnist5k
+from vdm import config_files
+
+mnist5k = config_files.load_sibling(__file__, "mnist5k")
 
 
 def get_config():

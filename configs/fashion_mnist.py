@@ -3,7 +3,9 @@
   make fashion-mnist      # apt-get install dataset-fashion-mnist (root)
   python -m vdm.main --config=configs/fashion_mnist.py --workdir=runs/fmnist
 """
-from configs import mnist5k_long
+from vdm import config_files
+
+mnist5k_long = config_files.load_sibling(__file__, "mnist5k_long")
 
 
 def get_config():

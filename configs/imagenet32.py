@@ -6,7 +6,9 @@ Needs tfds downsampled_imagenet/32x32, a manual download (see README).
 Architecture as the VDM paper's appendix on experimental details gives it for
 ImageNet 32x32: the CIFAR-10 U-Net widened to 256 channels, no dropout.
 """
-from configs import cifar10
+from vdm import config_files
+
+cifar10 = config_files.load_sibling(__file__, "cifar10")
 
 
 def get_config():

@@ -8,7 +8,9 @@ expensive, so this config uses the multi-resolution U-Net at the same width.
 """
 import ml_collections
 
-from configs import imagenet32
+from vdm import config_files
+
+imagenet32 = config_files.load_sibling(__file__, "imagenet32")
 
 
 def get_config():

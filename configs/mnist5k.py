@@ -4,8 +4,9 @@
   python -m vdm.main --config=configs/mnist5k.py --workdir=runs/demo
 
 Sized to finish training, the whole-test-split eval, samples and plots in
-about 10 minutes on 2 CPU cores. Every other config imports this one (or
-cifar10.py) and changes only what differs, so this file lists every field.
+about 10 minutes on 2 CPU cores. Every other config reuses this one (or
+cifar10.py, loaded by path with `config_files.load_sibling`) and changes
+only what differs, so this file lists every field.
 """
 import ml_collections
 
@@ -55,6 +56,9 @@ def get_config():
   config.training.max_to_keep = 2
   config.training.num_devices = 0         # 0 = all local+remote devices
   config.training.fsdp = False            # shard params along the data axis
+  # Micro-batches per step (gradient accumulation; must divide batch_size):
+  # a batch too large for one device still trains as one step. 1 = off.
+  config.training.grad_accum_steps = 1
   config.training.report_baselines = True  # print simple baselines' bpd
 
   config.optimizer = ml_collections.ConfigDict()
@@ -78,4 +82,7 @@ def get_config():
   config.sampling.clip_x = True           # clip x_hat to [-1, 1] (images)
   config.sampling.num_frames = 8          # progressive-generation columns
   config.sampling.seed = 0
+  # Samples per jitted call when many are written to WORKDIR/samples/<name>/
+  # (generation.sample_to_dir, --mode=sample with num_samples > chunk_size).
+  config.sampling.chunk_size = 1000
   return config

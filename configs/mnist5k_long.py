@@ -2,7 +2,9 @@
 
   python -m vdm.main --config=configs/mnist5k_long.py --workdir=runs/mnist5k_long
 """
-from configs import mnist5k
+from vdm import config_files
+
+mnist5k = config_files.load_sibling(__file__, "mnist5k")
 
 
 def get_config():

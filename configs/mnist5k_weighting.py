@@ -13,7 +13,9 @@ only the objective differs. Single runs work too:
       --workdir=runs/sigmoid --config.model.weighting=sigmoid \
       --config.model.noise_schedule=adaptive
 """
-from configs import mnist5k
+from vdm import config_files
+
+mnist5k = config_files.load_sibling(__file__, "mnist5k")
 
 
 def get_config():

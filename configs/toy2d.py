@@ -5,7 +5,9 @@
 """
 import ml_collections
 
-from configs import mnist5k
+from vdm import config_files
+
+mnist5k = config_files.load_sibling(__file__, "mnist5k")
 
 
 def get_config():

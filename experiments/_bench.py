@@ -248,12 +248,13 @@ def train_setup(net_kwargs: dict[str, Any], *, num_devices: int = 1,
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from configs import cifar10
+  from vdm import config_files
   from vdm import model as model_lib
   from vdm import parallel
   from vdm import train
   # pylint: enable=g-import-not-at-top
-  config = cifar10.get_config()
+  config = config_files.get_config(
+      os.path.join(REPO, "configs", "cifar10.py"))
   config.model.net_kwargs.update(net_kwargs)
   config.model.net_kwargs.dtype = dtype
   model = model_lib.build(config.model, IMAGE_SHAPE, 256, 10)

@@ -32,11 +32,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from configs import toy2d  # pylint: disable=wrong-import-position
+from vdm import config_files  # pylint: disable=wrong-import-position
 from vdm import elbo  # pylint: disable=wrong-import-position
 from vdm import process  # pylint: disable=wrong-import-position
 from vdm import sampling  # pylint: disable=wrong-import-position
 from vdm import train  # pylint: disable=wrong-import-position
+
+toy2d = config_files.load_module(os.path.join(REPO, "configs", "toy2d.py"))
 
 
 def _square(ax, title):

@@ -76,7 +76,7 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from configs import mnist5k_weighting  # pylint: disable=wrong-import-position
+from vdm import config_files  # pylint: disable=wrong-import-position
 from vdm import frechet  # pylint: disable=wrong-import-position
 from vdm import generation  # pylint: disable=wrong-import-position
 from vdm import input_pipeline  # pylint: disable=wrong-import-position
@@ -84,6 +84,9 @@ from vdm import reporting  # pylint: disable=wrong-import-position
 from vdm import schedules  # pylint: disable=wrong-import-position
 from vdm import train  # pylint: disable=wrong-import-position
 from vdm import weighting  # pylint: disable=wrong-import-position
+
+mnist5k_weighting = config_files.load_module(
+    os.path.join(REPO, "configs", "mnist5k_weighting.py"))
 
 # name: (weighting, weighting kwargs, native noise schedule).
 OBJECTIVES = {

@@ -7,10 +7,13 @@ import types
 import jax
 import matplotlib.image
 import numpy as np
+import PIL.Image
 import pytest
 
 from vdm import generation
 from vdm import model as model_lib
+from vdm import reporting
+from vdm import sampling
 import tiny_config
 
 VOCAB = 17
@@ -83,13 +86,45 @@ def test_write_samples_writes_grid_npz_and_progressive(image_model,
   saved = np.load(out / "7.npz")
   np.testing.assert_array_equal(saved["samples"], expected)
   assert saved["labels"].size == 0                      # unconditional
-  grid = matplotlib.image.imread(path)
-  assert grid.shape[:2] == (2 * 9 - 1, 2 * 9 - 1)       # 4 samples, 2 x 2
-  progressive = matplotlib.image.imread(out / "7_progressive.png")
-  assert progressive.shape[:2] == (4 * 9 - 1, 2 * 9 - 1)   # rows x frames
+  # 4 samples, 2 x 2 cells of 8 + 1 px, enlarged 16x (>= 256 px), gray.
+  with PIL.Image.open(path) as png:
+    assert png.mode == "L"
+    grid = np.asarray(png)
+  assert grid.shape == (16 * (2 * 9 - 1), 16 * (2 * 9 - 1))
+  small = reporting.image_grid(reporting.to_uint8(expected, VOCAB))
+  np.testing.assert_array_equal(grid[::16, ::16], small[..., 0])
+  np.testing.assert_array_equal(grid[15::16, 15::16], small[..., 0])
+  with PIL.Image.open(out / "7_progressive.png") as png:
+    assert png.mode == "L"
+    progressive = np.asarray(png)
+  # rows x frames, enlarged 16x, under a 14 px strip of t labels.
+  assert progressive.shape == (14 + 16 * (4 * 9 - 1), 16 * (2 * 9 - 1))
+  assert (progressive[:14] < 128).any()                 # the labels
   generation.write_samples(model, params, str(tmp_path), 8,
                            options(num_frames=0))
   assert not os.path.exists(out / "8_progressive.png")
+
+
+def test_write_samples_gives_the_grids_to_the_writer(image_model, tmp_path):
+  model, params = image_model
+  written = []
+  writer = types.SimpleNamespace(
+      write_image=lambda step, tag, image: written.append((step, tag, image)))
+  path = generation.write_samples(model, params, str(tmp_path), 3, options(),
+                                  writer=writer)
+  assert [(step, tag) for step, tag, _ in written] == [
+      (3, "samples"), (3, "samples_progressive")]
+  with PIL.Image.open(path) as png:
+    np.testing.assert_array_equal(written[0][2][..., 0], np.asarray(png))
+
+
+@pytest.mark.parametrize("num_steps,num_frames", [(3, 2), (10, 4), (7, 8),
+                                                  (5, 1)])
+def test_frame_times_are_the_times_progressive_records(num_steps, num_frames):
+  slots = sampling._frame_slots(num_steps, num_frames)  # pylint: disable=protected-access
+  steps_taken = np.flatnonzero(slots >= 0)   # frame k after steps_taken[k]
+  np.testing.assert_allclose(generation.frame_times(num_steps, num_frames),
+                             1.0 - steps_taken / num_steps)
 
 
 def test_write_samples_of_2d_data_is_a_scatter_plot(tmp_path):
@@ -101,3 +136,59 @@ def test_write_samples_of_2d_data_is_a_scatter_plot(tmp_path):
   assert np.load(tmp_path / "samples" / "1.npz")["samples"].shape == (16, 2)
   assert matplotlib.image.imread(path).ndim == 3
   assert not os.path.exists(tmp_path / "samples" / "1_progressive.png")
+
+
+def test_chunked_samples_equal_one_call_and_resume(image_model, tmp_path,
+                                                   monkeypatch):
+  # 5 samples in chunks of 2: three calls of one compiled function, whose
+  # concatenation equals one call over all 5 (sample j's keys depend on j
+  # only); a rerun writes only the missing chunks.
+  model, params = image_model
+  opts = options(num_samples=5, chunk_size=2, num_frames=0)
+  compiled = []
+  make = generation.make_sampler
+  monkeypatch.setattr(generation, "make_sampler",
+                      lambda *a, **k: compiled.append(make(*a, **k))
+                      or compiled[-1])
+  calls = []
+  out = generation.sample_to_dir(model, params, str(tmp_path), "fid",
+                                 opts, progress=lambda *a: calls.append(a))
+  assert out == str(tmp_path / "samples" / "fid")
+  assert calls == [(1, 3), (2, 3), (3, 3)]
+  assert len(compiled) == 1 and compiled[0]._cache_size() == 1
+  samples, labels = generation.load_samples(out)
+  whole, _ = make(model, sampler="ancestral", num_steps=opts.num_steps,
+                  num_samples=5)(params, jax.random.key(opts.seed), None)
+  np.testing.assert_array_equal(samples, whole)
+  assert samples.shape == (5, *SHAPE) and labels.shape == (0,)
+  # Resume: chunk 1 lost, chunk 0 marked; only chunk 1 is sampled again.
+  os.remove(out + "/chunk_1.npz")
+  with np.load(out + "/chunk_0.npz") as chunk:
+    marked = dict(chunk)
+  marked["samples"] = np.zeros_like(marked["samples"])
+  np.savez_compressed(out + "/chunk_0.npz", **marked)
+  calls.clear()
+  generation.sample_to_dir(model, params, str(tmp_path), "fid", opts,
+                           progress=lambda *a: calls.append(a))
+  assert calls == [(3, 3)]
+  again, _ = generation.load_samples(out)
+  np.testing.assert_array_equal(again[:2], 0)        # not rewritten
+  np.testing.assert_array_equal(again[2:], whole[2:])
+  assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_chunked_sampling_errors(image_model, tmp_path):
+  model, params = image_model
+  opts = options(num_samples=3, chunk_size=2, num_frames=0)
+  generation.sample_to_dir(model, params, str(tmp_path), "a", opts)
+  with pytest.raises(ValueError, match="resume with the same sampling"):
+    generation.sample_to_dir(model, params, str(tmp_path), "a",
+                             options(num_samples=3, chunk_size=2, seed=9))
+  with pytest.raises(ValueError, match="chunk_size=0"):
+    generation.sample_to_dir(model, params, str(tmp_path), "b",
+                             options(chunk_size=0))
+  with pytest.raises(ValueError, match="one directory name"):
+    generation.sample_to_dir(model, params, str(tmp_path), "x/y", opts)
+  os.remove(tmp_path / "samples" / "a" / "chunk_1.npz")
+  with pytest.raises(FileNotFoundError, match="chunk_1.npz is missing"):
+    generation.load_samples(str(tmp_path / "samples" / "a"))

@@ -1,5 +1,6 @@
 """vdm.reporting: TensorBoard scalars, console progress, images and plots."""
 
+import io
 import os
 import types
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
+import PIL.Image
 import pytest
 
 from vdm import model as model_lib
@@ -43,14 +45,45 @@ def test_to_uint8_maps_the_levels_onto_0_255():
       reporting.f_to_uint8(np.array([-1.0, 0.0, 1.0, 1.5])), [0, 128, 255, 255])
 
 
-def test_save_png_round_trips_a_gray_image(tmp_path):
-  image = np.arange(12, dtype=np.uint8).reshape(3, 4, 1) * 20
+@pytest.mark.parametrize("channels,mode", [(1, "L"), (3, "RGB")])
+def test_save_png_stores_the_pixels_exactly_gray_as_gray(tmp_path, channels,
+                                                         mode):
+  image = (np.arange(12 * channels, dtype=np.uint8).reshape(3, 4, channels)
+           * 7)
   path = str(tmp_path / "sub" / "x.png")
   reporting.save_png(image, path)
-  back = matplotlib.image.imread(path)          # [3, 4, 4] RGBA in [0, 1]
-  # atol: the gray colormap's 256-entry lookup table moves some levels by 1.
-  np.testing.assert_allclose(np.round(back[..., 0] * 255), image[..., 0],
-                             atol=1)
+  with PIL.Image.open(path) as back:
+    assert back.mode == mode                     # gray stays 8-bit gray
+    np.testing.assert_array_equal(
+        np.asarray(back).reshape(image.shape), image)
+
+
+def test_save_png_rejects_what_is_not_an_hwc_uint8_image(tmp_path):
+  with pytest.raises(ValueError, match="uint8"):
+    reporting.save_png(np.zeros((3, 4, 1), np.float32), str(tmp_path / "x"))
+  with pytest.raises(ValueError, match=r"\[H, W, 1 or 3\]"):
+    reporting.save_png(np.zeros((3, 4, 4), np.uint8), str(tmp_path / "x"))
+
+
+def test_upscale_repeats_each_pixel_into_a_block_up_to_the_width():
+  image = np.array([[[1], [2]], [[3], [4]]], np.uint8)     # [2, 2, 1]
+  big = reporting.upscale(image, min_width=5)              # factor ceil(5/2)
+  assert big.shape == (6, 6, 1)
+  np.testing.assert_array_equal(big[:3, :3], 1)
+  np.testing.assert_array_equal(big[3:, 3:], 4)
+  np.testing.assert_array_equal(big[:3, 3:], 2)
+  wide = np.zeros((2, 300, 3), np.uint8)
+  assert reporting.upscale(wide, min_width=256).shape == wide.shape
+
+
+def test_label_columns_writes_each_label_over_its_column():
+  grid = np.full((10, 60, 1), 128, np.uint8)
+  out = reporting.label_columns(grid, ["1.00", "", "0.00"], cell_width=20)
+  assert out.shape == (24, 60, 1)
+  np.testing.assert_array_equal(out[14:], grid)            # grid unchanged
+  strip = out[:14, :, 0]
+  assert (strip[:, 0:20] < 128).any() and (strip[:, 40:60] < 128).any()
+  assert (strip[:, 20:40] == 255).all()                    # empty label
 
 
 def test_save_scatter_writes_a_png(tmp_path):
@@ -68,8 +101,35 @@ def test_metric_writer_writes_events_only_when_enabled(tmp_path):
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(on))
   quiet = reporting.MetricWriter(str(off), enabled=False)
   quiet.write_scalars(1, {"train/loss": 1.5})
+  quiet.write_image(1, "samples", np.zeros((2, 2, 1), np.uint8))
+  quiet.write_text(1, "config", "x")
   quiet.close()
   assert not os.listdir(off)
+
+
+def test_tensorboard_reads_the_scalars_images_and_text_written(tmp_path):
+  accumulator = pytest.importorskip(
+      "tensorboard.backend.event_processing.event_accumulator")
+  writer = reporting.MetricWriter(str(tmp_path))
+  writer.write_scalars(3, {"train/loss": 1.25, "train/steps_per_s": 4.0})
+  writer.write_image(3, "samples", np.full((5, 7, 1), 200, np.uint8))
+  writer.write_text(3, "config", "    lr: 0.001")
+  writer.close()
+  events = accumulator.EventAccumulator(str(tmp_path), size_guidance={
+      accumulator.IMAGES: 0, accumulator.SCALARS: 0, accumulator.TENSORS: 0})
+  events.Reload()
+  [loss] = events.Scalars("train/loss")
+  assert (loss.step, loss.value) == (3, 1.25)
+  [image] = events.Images("samples")
+  assert (image.step, image.height, image.width) == (3, 5, 7)
+  [text] = events.Tensors("config/text_summary")
+  assert text.tensor_proto.string_val == [b"    lr: 0.001"]
+
+
+def test_write_image_rejects_a_float_image(tmp_path):
+  writer = reporting.MetricWriter(str(tmp_path), enabled=False)
+  with pytest.raises(ValueError, match="uint8"):
+    writer.write_image(0, "x", np.zeros((2, 2, 1), np.float32))
 
 
 def test_progress_prints_one_line_per_update(capsys):
@@ -86,6 +146,63 @@ def test_progress_prints_one_line_per_update(capsys):
   assert lines[1] == "done"
   reporting.Progress(10, 0, enabled=False).update(5, metrics)
   assert not capsys.readouterr().out
+
+
+METRICS = {"loss": 1.0, "bpd_recon": 0.0, "bpd_prior": 0.0, "bpd_diff": 1.0,
+           "grad_norm": 1.0}
+
+
+def test_progress_rate_excludes_the_compile_and_is_smoothed(capsys,
+                                                             monkeypatch):
+  clock = [0.0]
+  monkeypatch.setattr(reporting.time, "monotonic", lambda: clock[0])
+  progress = reporting.Progress(101, 0, smoothing=0.5)
+  clock[0] = 50.0                      # the first step took 50 s: compile
+  progress.compiled(1, 50.0)
+  clock[0] = 51.0                      # steps 2..11: 0.1 s each
+  progress.update(11, METRICS)
+  assert progress.rate == pytest.approx(10.0)
+  clock[0] = 54.0                      # steps 12..21: 0.3 s each
+  progress.update(21, METRICS)
+  # EMA of seconds per step: 0.1 + 0.5 * (0.3 - 0.1) = 0.2.
+  assert progress.rate == pytest.approx(5.0)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("compiled the train step in 50.0 s")
+  assert "10.00 steps/s  eta 0:00:09" in lines[1]     # 90 steps x 0.1 s
+  assert "5.00 steps/s  eta 0:00:16" in lines[2]      # 80 steps x 0.2 s
+
+
+def test_progress_draws_a_tqdm_bar_on_a_terminal():
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+  stream = Terminal()
+  progress = reporting.Progress(10, 0, stream=stream)
+  progress.update(5, METRICS)
+  progress.message("between")
+  progress.close()
+  out = stream.getvalue()
+  assert "|" in out and "5/10" in out and "between" in out
+  assert "\r" in out                      # the bar redraws in place
+
+
+def test_run_header_names_devices_data_model_and_the_start():
+  devices = [types.SimpleNamespace(platform="gpu", device_kind="H100")] * 2
+  common = dict(workdir="w", config_path="configs/x.py", devices=devices,
+                process_count=1, dataset="digits",
+                split_sizes={"train": 1438, "test": 359}, data_shape=(8, 8, 1),
+                vocab_size=17, num_classes=10, net="mlp", num_params=10722,
+                num_steps=1500, batch_size=32)
+  header = reporting.run_header(resumed_step=None, **common)
+  assert header.splitlines() == [
+      "vdm: new run in w",
+      "  config   configs/x.py; resolved: " + os.path.join("w", "config.json"),
+      "  devices  2 x gpu (H100), 1 process",
+      "  data     digits: 1,438 train / 359 test; 8x8x1, 17 levels, "
+      "10 classes",
+      "  model    mlp, 10,722 parameters; 1,500 steps at batch 32"]
+  resumed = reporting.run_header(resumed_step=1000, **common)
+  assert resumed.splitlines()[0] == "vdm: resumed from step 1,000 in w"
 
 
 @pytest.mark.parametrize("lam", [-4.0, 0.0, 3.0])

@@ -2,9 +2,14 @@
 
   python -m vdm.main --config=tests/tiny_config.py --workdir=/tmp/tiny
 """
+import os
+
 import ml_collections
 
-from configs import digits
+from vdm import config_files
+
+digits = config_files.load_module(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "configs", "digits.py"))
 
 
 def get_config():

