@@ -167,17 +167,18 @@ def _ddim_update(z_t, eps_hat, x_hat, gamma_t, gamma_s, noise, eta):
           + sigma_s * jnp.sqrt(var_eta_frac) * noise)
 
 
-def _example_keys(key: jax.Array, batch_size: int):
+def _example_keys(key: jax.Array, batch_size: int, first_index=0):
   """Per-example (key_init, key_noise), each a [B] key array.
 
-  Example b uses fold_in(key, b) only, so it does not depend on the batch.
+  Example b uses fold_in(key, first_index + b) only, so it does not depend
+  on the batch (nor on how a large sample is cut into chunks).
   """
   def one(b):
     key_b = jax.random.fold_in(key, b)
     key_init, key_noise = jax.random.split(key_b)
     return key_init, key_noise
 
-  return jax.vmap(one)(jnp.arange(batch_size))
+  return jax.vmap(one)(jnp.arange(batch_size) + first_index)
 
 
 def _normal(keys: jax.Array, shape: tuple) -> jax.Array:
@@ -276,10 +277,10 @@ def draw_z_1(key: jax.Array, shape) -> jax.Array:
 
 
 def _sample(key, eps_fn, gamma_fn, shape, *, num_steps, sampler, eta, clip_x,
-            num_frames):
+            num_frames, first_index=0):
   """z_1 ~ N(0, I) per example from `key`, then the chain to t = 0."""
   shape = _check_shape(shape)
-  key_init, key_noise = _example_keys(key, shape[0])
+  key_init, key_noise = _example_keys(key, shape[0], first_index)
   z_1 = _normal(key_init, shape)  # [B, ...], as draw_z_1
   update = _ancestral_update if sampler == "ancestral" else _ddim_update
   if sampler == "ddim" and eta == 0.0:
@@ -295,7 +296,8 @@ def _sample(key, eps_fn, gamma_fn, shape, *, num_steps, sampler, eta, clip_x,
 
 def ancestral(key: jax.Array, eps_fn: process.EpsFn,
               gamma_fn: process.GammaFn, shape, *, num_steps: int,
-              clip_x: bool = False) -> jax.Array:
+              clip_x: bool = False,
+              first_index: jax.typing.ArrayLike = 0) -> jax.Array:
   """Ancestral sampling of the T-step VDM, T = num_steps.
 
   z_1 ~ N(0, I); then for i = T, ..., 1 with t = i / T, s = (i - 1) / T:
@@ -315,18 +317,23 @@ def ancestral(key: jax.Array, eps_fn: process.EpsFn,
     shape: static (B, ...) of the samples.
     num_steps: static T >= 1, the number of network evaluations.
     clip_x: clip x_hat to [-1, 1] each step (image data in [-1, 1]).
+    first_index: [] int, the index of the first example (may be traced):
+      example b uses fold_in(key, first_index + b), so chunks of a large
+      sample (`generation.sample_to_dir`) equal one call over all of it.
   Returns:
     [B, ...] z_0, float32.
   """
   _check_num_steps(num_steps)
   z_0, _ = _sample(key, eps_fn, gamma_fn, shape, num_steps=num_steps,
-                   sampler="ancestral", eta=1.0, clip_x=clip_x, num_frames=0)
+                   sampler="ancestral", eta=1.0, clip_x=clip_x, num_frames=0,
+                   first_index=first_index)
   return z_0
 
 
 def ddim(key: jax.Array, eps_fn: process.EpsFn, gamma_fn: process.GammaFn,
          shape, *, num_steps: int, eta: float = 0.0,
-         clip_x: bool = False) -> jax.Array:
+         clip_x: bool = False,
+         first_index: jax.typing.ArrayLike = 0) -> jax.Array:
   """DDIM sampling (DDIM, section "Sampling from generalized generative
   processes") on the grid t_i = i / num_steps, from z_1 ~ N(0, I).
 
@@ -338,7 +345,8 @@ def ddim(key: jax.Array, eps_fn: process.EpsFn, gamma_fn: process.GammaFn,
 
   Args:
     key: a `jax.random.key`; draws z_1 exactly as `ancestral` does.
-    eps_fn, gamma_fn, shape, num_steps, clip_x: as in `ancestral`.
+    eps_fn, gamma_fn, shape, num_steps, clip_x, first_index: as in
+      `ancestral`.
     eta: static, in [0, 1].
   Returns:
     [B, ...] z_0, float32.
@@ -346,7 +354,8 @@ def ddim(key: jax.Array, eps_fn: process.EpsFn, gamma_fn: process.GammaFn,
   _check_num_steps(num_steps)
   eta = _check_eta(eta)
   z_0, _ = _sample(key, eps_fn, gamma_fn, shape, num_steps=num_steps,
-                   sampler="ddim", eta=eta, clip_x=clip_x, num_frames=0)
+                   sampler="ddim", eta=eta, clip_x=clip_x, num_frames=0,
+                   first_index=first_index)
   return z_0
 
 
@@ -476,7 +485,8 @@ def guided(eps_cond: process.EpsFn, eps_uncond: process.EpsFn,
 
 def decode(key: Optional[jax.Array], z_0: jax.typing.ArrayLike,
            gamma_0: jax.typing.ArrayLike, vocab_size: int, *,
-           mode: str = "argmax") -> jax.Array:
+           mode: str = "argmax",
+           first_index: jax.typing.ArrayLike = 0) -> jax.Array:
   """Integers x from z_0 through the discrete decoder p(x | z_0).
 
   The decoder is `elbo.decode_logits` (VDM, section "Reverse time generative
@@ -489,6 +499,8 @@ def decode(key: Optional[jax.Array], z_0: jax.typing.ArrayLike,
     gamma_0: gamma at t = 0 ([] or as `elbo.decode_logits` accepts).
     vocab_size: number of integer values (256 for uint8 images).
     mode: 'argmax' (the most likely value) or 'sample' (a draw).
+    first_index: example b uses fold_in(key, first_index + b) (as the
+      samplers).
   Returns:
     [B, ...] int32 in [0, vocab_size).
   """
@@ -503,7 +515,7 @@ def decode(key: Optional[jax.Array], z_0: jax.typing.ArrayLike,
     raise ValueError("decode(mode='sample') needs a key; got None. Pass "
                      "jax.random.key(seed), or use mode='argmax'.")
   keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(
-      jnp.arange(z_0.shape[0]))
+      jnp.arange(z_0.shape[0]) + first_index)
   draw = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))
   return draw(keys, logits).astype(jnp.int32)
 
