@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from vdm import nets
+from vdm import official as official_import
 import nets_util
 
 # Tiny configurations, one per net (widths divisible by num_groups=4).
@@ -183,35 +184,11 @@ def test_vdm_unet_equals_official_network_with_mapped_params(attention):
   expected = jax.jit(lambda p: score_unet.apply({"params": p}, z_t, gamma,
                                                 cond, True))(p)
 
-  gn = lambda src: {"scale": src["scale"], "bias": src["bias"]}
-  def block(src):
-    out = {"norm_1": gn(src["GroupNorm_0"]), "norm_2": gn(src["GroupNorm_1"]),
-           "conv_1": src["conv1"], "conv_2": src["conv2"],
-           "cond": src["cond_proj"]}
-    if "nin_shortcut" in src:
-      out["shortcut"] = src["nin_shortcut"]
-    return out
-  def attn(src):
-    cat = lambda leaf: jnp.concatenate([src[n][leaf] for n in "qkv"], -1)
-    return {"norm": gn(src["GroupNorm_0"]), "proj_out": src["proj_out"],
-            "qkv": {"kernel": cat("kernel"), "bias": cat("bias")}}
-  mapped = {
-      # The official first Dense also reads the conditioning scalar (0 here):
-      # its last input row never contributes.
-      "embedding": {"dense_0": {"kernel": p["dense0"]["kernel"][:-1],
-                                "bias": p["dense0"]["bias"]},
-                    "dense_1": p["dense1"]},
-      "conv_in": p["conv_in"], "conv_out": p["conv_out"],
-      "norm_out": gn(p["GroupNorm_0"]),
-      "down_0": block(p["down.block_0"]),
-      "mid_block_1": block(p["mid.block_1"]),
-      "mid_attention": attn(p["mid.attn_1"]),
-      "mid_block_2": block(p["mid.block_2"]),
-      "up_0": block(p["up.block_0"]), "up_1": block(p["up.block_1"])}
-  if attention:
-    mapped.update({"down_attention_0": attn(p["down.attn_0"]),
-                   "up_attention_0": attn(p["up.attn_0"]),
-                   "up_attention_1": attn(p["up.attn_1"])})
+  # The mapping the checkpoint import uses (vdm/official.py).
+  mapped = official_import.map_score_unet(p)
+  assert official_import.architecture(p) == {
+      "num_res_blocks": 1, "channels": 64, "attention": attention,
+      "fourier_features": True}
   net = nets.get("vdm_unet", num_res_blocks=1, channels=64,
                  attention=attention)
   out = jax.jit(net.apply)({"params": mapped}, z_t, gamma)
