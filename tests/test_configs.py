@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import pytest
 
+from vdm import config_files
 from vdm import config_lib
 from vdm import datasets_tfds
 from vdm import input_pipeline
@@ -35,7 +36,8 @@ def test_every_config_is_listed():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_validates_and_builds(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = config_files.get_config(
+      os.path.join(REPO, "configs", f"{name}.py"))
   config_lib.validate(config)
   shape, vocab, classes = DATA[config.data.dataset]
   assert config.data.vocab_size == vocab
@@ -152,3 +154,132 @@ def test_every_compute_dtype_validates(dtype):
 def test_dataset_registry_is_what_create_opens():
   assert set(input_pipeline.DATASETS) == (
       set(input_pipeline._IN_MEMORY) | set(datasets_tfds.TFDS_DATASETS))
+
+
+# ==========================================================================
+# Option combinations that used to fail minutes later fail in validate.
+# ==========================================================================
+
+VALIDATION_GAPS = [
+    ({"optimizer.learning_rate": float("inf")}, "train",
+     "learning_rate=inf is invalid: expected a finite float"),
+    ({"optimizer.learning_rate": float("nan")}, "train",
+     "learning_rate=nan is invalid"),
+    ({"sampling.num_frames": 6}, "train",   # tiny: 4 sampler steps
+     r"num_frames=6 is invalid: expected at most sampling.num_steps \+ 1 = 5"),
+    ({"sampling.num_samples": 0}, "sample",
+     "num_samples=0 is invalid: expected an int > 0 for --mode=sample"),
+    ({"sampling.guidance_scale": 2.0}, "train",
+     "guidance_scale=2.0 is invalid: expected 0 for an unconditional model"),
+]
+
+
+@pytest.mark.parametrize("overrides, mode, match", VALIDATION_GAPS)
+def test_validate_closes_the_gaps(overrides, mode, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(tiny_config(overrides), mode=mode)
+
+
+def test_num_samples_zero_is_fine_for_training():
+  config_lib.validate(tiny_config({"sampling.num_samples": 0}), mode="train")
+
+
+def test_a_net_that_cannot_take_the_data_fails_in_validate():
+  config = config_files.get_config(os.path.join(REPO, "configs",
+                                                "mnist5k.py"))
+  config.model.net_kwargs.channel_mult = (1, 2, 2, 2)   # 28 % 8 != 0
+  with pytest.raises(ValueError, match=r"cannot take 'mnist5k' examples of "
+                     r"shape \(28, 28, 1\).*divisible by 8; got 28x28"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist5k", "toy2d"])
+def test_known_dataset_shapes_are_the_opened_ones(name):
+  assert config_lib.DATASET_SHAPES[name] == input_pipeline.create(name).shape
+  assert config_lib.DATASET_SHAPES[name] == DATA[name][0]
+
+
+# ==========================================================================
+# Run identity: fingerprint, allowed changes, the stored config.
+# ==========================================================================
+
+def test_fingerprint_covers_data_and_model_only():
+  base = config_lib.run_fingerprint(tiny_config({}))
+  assert len(base) == 16
+  assert config_lib.run_fingerprint(tiny_config({})) == base
+  for overrides in ({"model.parameterization": "v"}, {"data.flip": True},
+                    {"data.dataset": "mnist5k"}, {"model.gamma_min": -12.0}):
+    assert config_lib.run_fingerprint(tiny_config(overrides)) != base
+  for overrides in ({"training.num_steps": 99}, {"sampling.seed": 3},
+                    {"optimizer.learning_rate": 1e-4},
+                    {"data.data_dir": "/elsewhere"}):
+    assert config_lib.run_fingerprint(tiny_config(overrides)) == base
+
+
+ALLOWED_CHANGES = [{"training.num_steps": 60}, {"training.eval_seed": 7},
+                   {"sampling.sampler": "ddim"}, {"sampling.num_samples": 0},
+                   {"optimizer.learning_rate": 1e-5},
+                   {"training.checkpoint_every": 1}]
+REFUSED_CHANGES = [
+    ({"model.parameterization": "v"}, "model.parameterization 'eps' -> 'v'"),
+    ({"data.flip": True}, "data.flip False -> True"),
+    ({"training.batch_size": 16}, "training.batch_size 8 -> 16"),
+    ({"optimizer.grad_clip": 0.0, "model.schedule": "fixed_linear"},
+     "model.schedule 'learned_linear' -> 'fixed_linear'; "
+     "optimizer.grad_clip 1.0 -> 0.0"),
+]
+
+
+@pytest.mark.parametrize("overrides", ALLOWED_CHANGES)
+def test_allowed_changes_pass(overrides):
+  config_lib.check_changes(tiny_config({}), tiny_config(overrides), "W")
+
+
+@pytest.mark.parametrize("overrides, named", REFUSED_CHANGES)
+def test_refused_changes_name_each_field_old_and_new(overrides, named):
+  with pytest.raises(ValueError) as error:
+    config_lib.check_changes(tiny_config({}), tiny_config(overrides), "W")
+  message = str(error.value)
+  assert "\n" not in message
+  assert ("W holds a different run; its config differs in what defines "
+          f"it: {named}.") in message
+
+
+def test_stored_config_round_trips_and_is_written_once(tmp_path):
+  config = tiny_config({})
+  path = config_lib.write_once(config, str(tmp_path))
+  assert config_lib.load_run_config(str(tmp_path)).to_dict() == \
+      config.to_dict()   # tuples stay tuples
+  before = open(path).read()
+  config_lib.write_once(tiny_config({"model.parameterization": "v"}),
+                        str(tmp_path))
+  assert open(path).read() == before
+  assert config_lib.load_run_config(str(tmp_path / "none")) is None
+  with open(path, "w") as f:
+    f.write("{not json")
+  with pytest.raises(ValueError, match="config.json is unreadable"):
+    config_lib.load_run_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("field, guess", [
+    ("trainin.batch_size", "training.batch_size"),
+    ("training.bach_size", "training.batch_size"),
+    ("training", None), ("training.batch_size", None)])
+def test_did_you_mean(field, guess):
+  assert config_lib.did_you_mean(tiny_config({}), field) == guess
+
+
+def test_outputs_are_named_by_what_produced_them():
+  config = tiny_config({})
+  name, record = config_lib.eval_output(config, "test", 6)
+  assert name.startswith("test_6_ema_elbo_seed1_")
+  assert record["fingerprint"] == config_lib.run_fingerprint(config)
+  assert config_lib.eval_output(config, "test", 6) == (name, record)
+  assert config_lib.eval_output(config, "test", 6, "raw")[0] != name
+  other = tiny_config({"training.eval_batch_size": 50})
+  assert config_lib.eval_output(other, "test", 6)[0] != name
+  stem = config_lib.sample_output(config, 6)
+  assert stem.startswith("6_ema_ancestral4_seed0_")
+  for overrides in ({"sampling.seed": 1}, {"sampling.clip_x": False},
+                    {"model.parameterization": "v"}):
+    assert config_lib.sample_output(tiny_config(overrides), 6) != stem

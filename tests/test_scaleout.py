@@ -281,7 +281,13 @@ def test_two_processes_match_one_process_and_only_process_0_writes(
                      reference["state"].opt_state[-1][0].mu, what="adam mu")
 
   # The final eval (all processes, process 0 writes it) = one process's.
-  with open(os.path.join(workdir, "eval", f"test_{NUM_STEPS}.json")) as f:
+  eval_name = [n for n in os.listdir(os.path.join(workdir, "eval"))
+               if n.startswith(f"test_{NUM_STEPS}_ema_")]
+  assert len(eval_name) == 1, eval_name
+  sample_stem = [n[:-4] for n in os.listdir(os.path.join(workdir, "samples"))
+                 if n.startswith(f"{NUM_STEPS}_ema_") and n.endswith(".npz")]
+  assert len(sample_stem) == 1, sample_stem
+  with open(os.path.join(workdir, "eval", eval_name[0])) as f:
     record = json.load(f)
   assert record["num_examples"] == 359 and record["step"] == NUM_STEPS
   np.testing.assert_allclose(record["bpd"], reference["eval"]["bpd"],
@@ -289,8 +295,9 @@ def test_two_processes_match_one_process_and_only_process_0_writes(
 
   # Only process 0 wrote logs, config, eval JSON, samples and plots; process
   # 1 wrote only checkpoint files (Orbax saves from every process).
-  for name in ("config.json", f"eval/test_{NUM_STEPS}.json",
-               f"samples/{NUM_STEPS}.png", f"samples/{NUM_STEPS}.npz",
+  for name in ("config.json", f"eval/{eval_name[0]}",
+               f"samples/{sample_stem[0]}.png",
+               f"samples/{sample_stem[0]}.npz",
                f"plots/schedule_{NUM_STEPS}.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
     assert any(p.startswith(name) for p in audits[0]), (name, audits[0])

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import matplotlib.image
 import ml_collections
 import numpy as np
@@ -52,7 +53,8 @@ def reference_run(tmp_path_factory):
 
 def test_run_writes_eval_json_samples_plots_and_events(reference_run):
   workdir, result = reference_run
-  with open(os.path.join(workdir, "eval", "test_6.json")) as f:
+  name, _ = config_lib.eval_output(tiny_config(), "test", 6)
+  with open(os.path.join(workdir, "eval", f"{name}.json")) as f:
     record = json.load(f)
   assert record["num_examples"] == 359          # the whole split, padded
   assert record["step"] == 6
@@ -63,8 +65,9 @@ def test_run_writes_eval_json_samples_plots_and_events(reference_run):
       record["bpd_diff"], rtol=1e-5)
   assert record["bpd"] == result["bpd"]
   assert "dataset_version" in record
-  assert os.path.exists(os.path.join(workdir, "samples", "6.png"))
-  assert os.path.exists(os.path.join(workdir, "samples", "6.npz"))
+  stem = config_lib.sample_output(tiny_config(), 6)
+  assert os.path.exists(os.path.join(workdir, "samples", f"{stem}.png"))
+  assert os.path.exists(os.path.join(workdir, "samples", f"{stem}.npz"))
   assert os.path.exists(os.path.join(workdir, "plots", "schedule_6.png"))
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir))
   with open(os.path.join(workdir, "config.json")) as f:
@@ -187,10 +190,12 @@ def test_sample_cli_writes_png_of_expected_size(reference_run):
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                         cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  image = matplotlib.image.imread(os.path.join(workdir, "samples", "6.png"))
+  stem = config_lib.sample_output(tiny_config(sampling__num_samples=9), 6)
+  image = matplotlib.image.imread(os.path.join(workdir, "samples",
+                                               f"{stem}.png"))
   # 9 samples of 8x8 -> a 3x3 grid with 1-pixel gaps: 3 * 9 - 1 = 26 pixels.
   assert image.shape[:2] == (26, 26)
-  assert np.load(os.path.join(workdir, "samples", "6.npz"))[
+  assert np.load(os.path.join(workdir, "samples", f"{stem}.npz"))[
       "samples"].shape == (9, 8, 8, 1)
 
 
@@ -241,3 +246,83 @@ def test_step_factory_uses_the_documented_key():
     np.testing.assert_array_equal(a, b)
   other = by_hand(jax.random.key(1))
   assert other[1]["loss"] != expected[1]["loss"]
+
+
+# ------------------------------------------------- gradient accumulation
+
+
+def _quadratic_loss(params, inputs, key):
+  """A loss without random draws: K micro-batches must give one batch's."""
+  del key
+  x, y = inputs
+  per_example = jnp.sum(jnp.square(jnp.tanh(x @ params["w"] + params["b"])
+                                   - y), axis=-1)           # [n]
+  return jnp.mean(per_example), {"per_example": per_example}
+
+
+@pytest.mark.parametrize("num_micro", [1, 2, 4, 8])
+def test_accumulated_gradient_equals_the_one_batch_gradient(num_micro):
+  rs = np.random.RandomState(0)
+  params = {"w": jnp.asarray(rs.normal(size=(5, 3)), jnp.float32),
+            "b": jnp.asarray(rs.normal(size=3), jnp.float32)}
+  inputs = (jnp.asarray(rs.normal(size=(8, 5)), jnp.float32),
+            jnp.asarray(rs.normal(size=(8, 3)), jnp.float32))
+  key = jax.random.key(0)
+  want = jax.jit(jax.value_and_grad(_quadratic_loss, has_aux=True))(
+      params, inputs, key)
+  got = jax.jit(functools.partial(train.accumulated_value_and_grad,
+                                  _quadratic_loss,
+                                  num_micro_batches=num_micro))(
+                                      params, inputs, key=key)
+  if num_micro == 1:
+    # The same program as without accumulation: equal to the bit.
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
+  else:
+    # Not to the bit: the batch mean becomes a mean of K partial means (and
+    # the gradient a sum of K partial sums), another rounding order; float32
+    # rounding of 8 terms of size ~1 bounds the difference by ~1e-6.
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+  # Per-example outputs come back in the batch's order.
+  np.testing.assert_allclose(got[0][1]["per_example"],
+                             want[0][1]["per_example"], rtol=1e-6)
+
+
+def test_accumulation_rejects_a_count_that_does_not_divide_the_batch():
+  inputs = (jnp.zeros((8, 5)), jnp.zeros((8, 3)))
+  params = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+  with pytest.raises(ValueError, match="num_micro_batches=3 must be"):
+    train.accumulated_value_and_grad(_quadratic_loss, params, inputs,
+                                     jax.random.key(0), 3)
+  for bad, match in ((3, "a divisor of training.batch_size=8"),
+                     (0, "an int > 0")):
+    with pytest.raises(ValueError, match=match):
+      config_lib.validate(tiny_config(training__grad_accum_steps=bad))
+
+
+def test_accumulating_step_advances_counters_once_and_resumes_exactly():
+  # Batch 8 as 4 micro-batches of 2: one optimizer step, one EMA update and
+  # step + 1 per batch; and a resumed run (state through the host, as a
+  # checkpoint restore) takes the next step to the bit.
+  trainer = train.Trainer(tiny_config(training__grad_accum_steps=4))
+  init = trainer.init_state()
+  ema_0 = jax.device_get(init.ema_params)
+  state_1, metrics = trainer.train_step(init, trainer.global_batch(0))
+  assert int(state_1.step) == 1
+  assert np.isfinite(float(metrics["loss"]))
+  decay = float(train.ema_decay_at(jnp.zeros((), jnp.int32),
+                                   trainer.config.optimizer.ema_decay))
+  params_1 = jax.device_get(state_1.params)
+  for e0, p1, e1 in zip(jax.tree.leaves(ema_0), jax.tree.leaves(params_1),
+                        jax.tree.leaves(jax.device_get(state_1.ema_params))):
+    np.testing.assert_allclose(e1, decay * e0 + (1 - decay) * p1, rtol=1e-6,
+                               atol=1e-7)
+  host = jax.device_get(state_1)
+  restored = jax.device_put(host, trainer.state_sharding)
+  straight, m_straight = trainer.train_step(state_1, trainer.global_batch(1))
+  resumed, m_resumed = trainer.train_step(restored, trainer.global_batch(1))
+  assert int(straight.step) == 2
+  for a, b in zip(jax.tree.leaves(jax.device_get((straight, m_straight))),
+                  jax.tree.leaves(jax.device_get((resumed, m_resumed)))):
+    np.testing.assert_array_equal(a, b)

@@ -11,9 +11,15 @@ itself applies.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
+import math
 import os
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from vdm import checks
@@ -21,6 +27,42 @@ from vdm import input_pipeline
 from vdm import model_options
 from vdm import nets
 from vdm import sampling
+
+
+MODES = ("train", "eval", "sample")
+CONFIG_FILE = "config.json"
+
+# Example shapes known without opening the data (checked against the opened
+# dataset by tests/test_configs.py), for `_check_net_takes_data`.
+DATASET_SHAPES = {"mnist5k": (28, 28, 1), "digits": (8, 8, 1),
+                  "toy2d": (2,), "fashion_mnist": (28, 28, 1),
+                  "cifar10": (32, 32, 3), "imagenet32": (32, 32, 3),
+                  "imagenet64": (64, 64, 3)}
+
+# What defines the trained function: every field of these groups (but
+# data.data_dir, which says where the files are, not what they are) goes
+# into `run_fingerprint`.
+FINGERPRINT_GROUPS = ("data", "model")
+# fused_norm picks a kernel for the same function (nets.resolve_fused_norm).
+_NOT_FINGERPRINTED = ("data.data_dir", "model.net_kwargs.fused_norm")
+
+# The fields an existing run's config may change (resume, eval, sample):
+# steps, logging, checkpoint and eval cadence, eval and sampling options,
+# devices and layout, and the learning rate (lowering it is the fix for a
+# divergence: resume from the last good checkpoint with a smaller one).
+# A name ending in "." covers a whole group. Anything else (data, model,
+# loss, schedule, parameterization, batch size, seed, the rest of the
+# optimizer) is refused: it would make the workdir hold another run.
+CHANGEABLE_FIELDS = (
+    "data.data_dir",
+    "training.num_steps", "training.log_every", "training.eval_every",
+    "training.checkpoint_every", "training.max_to_keep",
+    "training.eval_batch_size", "training.eval_seed",
+    "training.report_baselines", "training.num_devices", "training.fsdp",
+    "training.grad_accum_steps", "model.net_kwargs.fused_norm",
+    "optimizer.learning_rate",
+    "sampling.",
+)
 
 
 def _fail(field: str, value, expected: str):
@@ -38,12 +80,20 @@ def _positive_int(config, field: str, *, allow_zero: bool = False):
     _fail(field, value, "an int >= 0" if allow_zero else "an int > 0")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, *, mode: str = "train"
+             ) -> None:
   """Raises ValueError naming the first bad field and how to fix it.
 
   TypeError instead where a model count (data.vocab_size, model.num_steps)
   is not an int, or a weighting or noise schedule option does not exist.
+
+  Args:
+    config: the run's config.
+    mode: what it is used for: "train", "eval" or "sample" (sampling asks
+      for sampling.num_samples > 0).
   """
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r} is unknown; known: {', '.join(MODES)}.")
   for group in ("data", "model", "training", "optimizer", "sampling"):
     if group not in config:
       raise ValueError(f"config has no '{group}' group; configs must define "
@@ -81,14 +131,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "training.checkpoint_every"):
     _positive_int(config, field, allow_zero=True)
   _positive_int(config, "training.num_devices", allow_zero=True)
+  if "grad_accum_steps" in config.training:
+    _positive_int(config, "training.grad_accum_steps")
+    if config.training.batch_size % config.training.grad_accum_steps:
+      _fail("training.grad_accum_steps", config.training.grad_accum_steps,
+            f"a divisor of training.batch_size={config.training.batch_size} "
+            "(each micro-batch holds batch_size / grad_accum_steps examples)")
+  if "chunk_size" in config.sampling:
+    _positive_int(config, "sampling.chunk_size")
   try:
     checks.check_int("training.seed", config.training.seed)
   except TypeError:
     _fail("training.seed", config.training.seed, "an int")
   opt = config.optimizer
   if not (isinstance(opt.learning_rate, (int, float)) and
-          opt.learning_rate > 0):
-    _fail("optimizer.learning_rate", opt.learning_rate, "a float > 0")
+          math.isfinite(opt.learning_rate) and opt.learning_rate > 0):
+    _fail("optimizer.learning_rate", opt.learning_rate, "a finite float > 0")
   _positive_int(config, "optimizer.warmup_steps", allow_zero=True)
   if not 0.0 <= opt.ema_decay < 1.0:
     _fail("optimizer.ema_decay", opt.ema_decay, "a float in [0, 1)")
@@ -109,6 +167,45 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive_int(config, "sampling.num_samples", allow_zero=True)
   if smp.guidance_scale < 0:
     _fail("sampling.guidance_scale", smp.guidance_scale, "a float >= 0")
+  # Guidance needs a conditional model; silently ignoring it would hand back
+  # unguided samples under a guided name.
+  if smp.guidance_scale > 0 and not model.conditional:
+    _fail("sampling.guidance_scale", smp.guidance_scale,
+          "0 for an unconditional model (model.conditional=False); guidance "
+          "needs a model trained with model.conditional=True and "
+          "model.p_uncond > 0")
+  _positive_int(config, "sampling.num_frames", allow_zero=True)
+  if smp.num_frames > smp.num_steps + 1:
+    _fail("sampling.num_frames", smp.num_frames,
+          f"at most sampling.num_steps + 1 = {smp.num_steps + 1} (one frame "
+          "per sampler step and the start)")
+  if mode == "sample" and smp.num_samples == 0:
+    _fail("sampling.num_samples", smp.num_samples,
+          "an int > 0 for --mode=sample")
+  _check_net_takes_data(config)
+
+
+def _check_net_takes_data(config: ml_collections.ConfigDict) -> None:
+  """The net's own shape rules against the dataset's known example shape,
+  so a net that cannot take the data fails here, not after loading it."""
+  shape = DATASET_SHAPES.get(config.data.dataset)
+  if shape is None:
+    return
+  try:
+    net = nets.get(config.model.net, num_classes=0,
+                   **dict(config.model.net_kwargs))
+  except TypeError:
+    return      # kwargs of another net: the model build names them
+  check = getattr(net, "_check", None)
+  if check is None:
+    return
+  try:
+    check(jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  except ValueError as error:
+    raise ValueError(
+        f"config.model.net={config.model.net!r} cannot take "
+        f"{config.data.dataset!r} examples of shape {shape}: {error} Fix "
+        "config.model.net_kwargs.") from None
 
 
 def write(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -123,3 +220,175 @@ def write(config: ml_collections.ConfigDict, workdir: str) -> str:
 def fingerprint(config: ml_collections.ConfigDict) -> str:
   """A stable string of the config (processes compare it in multi-host)."""
   return json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+
+
+def flatten(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+  """{"group.field": value} of every leaf, values as JSON reads them back
+  (tuples become lists), so a config and its config.json compare equal."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config.to_json_best_effort(sort_keys=True))
+  out = {}
+
+  def walk(prefix, value):
+    if isinstance(value, dict) and value:
+      for key, item in value.items():
+        walk(f"{prefix}{key}.", item)
+    else:
+      out[prefix[:-1]] = value
+  walk("", config)
+  return out
+
+
+def run_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """16 hex digits of SHA-256 over what defines the trained function: the
+  data (dataset, levels, flips) and the model (net, loss, weighting,
+  schedules, parameterization), `FINGERPRINT_GROUPS`. Checkpoints, eval
+  files and sample files record it."""
+  fields = {k: v for k, v in flatten(config).items()
+            if k.split(".")[0] in FINGERPRINT_GROUPS and
+            k not in _NOT_FINGERPRINTED}
+  text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changeable(field: str) -> bool:
+  """Whether an existing run may change `field` ("group.name")."""
+  return any(field == c or (c.endswith(".") and field.startswith(c))
+             for c in CHANGEABLE_FIELDS)
+
+
+def _tuples(value):
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config a run wrote into WORKDIR/config.json, or None if there is
+  none (a new run). Lists come back as tuples, as the config files write
+  them.
+
+  Raises:
+    ValueError: the file exists but is not a config (damaged).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    if not isinstance(stored, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as error:
+    raise ValueError(
+        f"the run's config {path} is unreadable ({error}); restore it, or "
+        "use a new --workdir to start another run.") from None
+  return ml_collections.ConfigDict(_tuples(stored))
+
+
+def check_changes(stored: ml_collections.ConfigDict,
+                  config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a config that changes what the run in `workdir` is.
+
+  Args:
+    stored: the run's config (`load_run_config`).
+    config: the config asked for (file and overrides).
+    workdir: named in the message.
+  Raises:
+    ValueError: one line naming each differing field that is not in
+      `CHANGEABLE_FIELDS`, its run value and its new value.
+  """
+  old, new = flatten(stored), flatten(config)
+  missing = object()
+  bad = []
+  for field in sorted(set(old) | set(new)):
+    before, after = old.get(field, missing), new.get(field, missing)
+    if before == after or changeable(field):
+      continue
+    show = lambda v: "(absent)" if v is missing else repr(v)
+    bad.append(f"{field} {show(before)} -> {show(after)}")
+  if bad:
+    allowed = ", ".join(c + "*" if c.endswith(".") else c
+                        for c in CHANGEABLE_FIELDS)
+    raise ValueError(
+        f"{workdir} holds a different run; its config differs in what "
+        f"defines it: {'; '.join(bad)}. An existing run may change only "
+        f"{allowed}. Drop those overrides (eval, sample and resume read the run's own "
+        "config.json; --config is optional), or use a new --workdir.")
+
+
+def write_once(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes WORKDIR/config.json if it does not exist (a new run); an
+  existing one, the run's identity, is never replaced. Atomic: written to a
+  temporary file, flushed to disk, then renamed."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    return path
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def did_you_mean(config: ml_collections.ConfigDict, field: str
+                 ) -> str | None:
+  """For an override key `field` ("a.b.c") that the config lacks: the
+  closest existing key, or None if `field` exists or nothing is close."""
+  keys = flatten(config)
+  prefixes = {k.rsplit(".", i)[0] for k in keys
+              for i in range(k.count(".") + 1)}
+  if field in keys or field in prefixes:
+    return None
+  close = difflib.get_close_matches(field, sorted(set(keys) | prefixes), n=1,
+                                    cutoff=0.6)
+  return close[0] if close else None
+
+
+def _settings_hash(settings: dict) -> str:
+  text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def eval_output(config: ml_collections.ConfigDict, split: str, step: int,
+                params: str = "ema") -> tuple[str, dict]:
+  """The name of an eval file and what it records, from what produced it.
+
+  The name reads `<split>_<step>_<params>_elbo_seed<eval_seed>_<hash>`; the
+  hash covers every setting that changes the number (the run's
+  fingerprint, the eval batch size), so two evals differ in name unless
+  they would compute the same bpd, and a rerun replaces only its own file.
+
+  Returns:
+    (file stem, the settings to record in the file).
+  """
+  if params not in ("ema", "raw"):
+    raise ValueError(f"params={params!r}: expected 'ema' or 'raw'.")
+  cfg = config.training
+  record = {"fingerprint": run_fingerprint(config), "split": split,
+            "step": int(step), "params": params, "estimator": "elbo",
+            "eval_seed": int(cfg.eval_seed),
+            "eval_batch_size": int(cfg.eval_batch_size)}
+  name = (f"{split}_{int(step)}_{params}_elbo_seed{cfg.eval_seed}_"
+          f"{_settings_hash(record)}")
+  return name, record
+
+
+def sample_output(config: ml_collections.ConfigDict, step: int,
+                  params: str = "ema") -> str:
+  """The stem of sample files, from what produced them:
+  `<step>_<params>_<sampler><num_steps>_seed<seed>_<hash>`, the hash over
+  the run's fingerprint and every sampling option (guidance, decoding,
+  counts), so samples of other settings never replace these."""
+  if params not in ("ema", "raw"):
+    raise ValueError(f"params={params!r}: expected 'ema' or 'raw'.")
+  smp = config.sampling
+  settings = {"fingerprint": run_fingerprint(config), "step": int(step),
+              "params": params,
+              "sampling": {k: v for k, v in flatten(config).items()
+                           if k.startswith("sampling.")}}
+  return (f"{int(step)}_{params}_{smp.sampler}{smp.num_steps}_seed{smp.seed}"
+          f"_{_settings_hash(settings)}")

@@ -21,7 +21,7 @@ TERMS = ("total", "recon", "prior", "diff")
 
 
 def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
-                   mesh, num_dims: int) -> dict:
+                   mesh, num_dims: int, conditional: bool = False) -> dict:
   """bpd and its terms over every example of `split`.
 
   Args:
@@ -31,10 +31,15 @@ def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
     ds: an `input_pipeline` dataset.
     batch_size: global eval batch size.
     num_dims: elements of one example (D in bits per dim).
+    conditional: the model is class-conditional: 'bpd' is then
+      -log p(x | y), marked by 'conditional': True.
   Returns:
     {'bpd', 'bpd_recon', 'bpd_prior', 'bpd_diff', 'bpd_se' (Monte Carlo
     standard error of 'bpd' from the K draws' spread; None for K = 1),
-    'num_draws', 'num_examples', 'split'}.
+    'num_draws', 'num_examples', 'split', 'conditional'}; where the eval
+    step reports the null label's terms (a conditional model trained with
+    label dropout), also 'bpd_uncond' (-log p(x), unconditional) and
+    'bpd_uncond_se'.
   """
   totals = None
   batches = ds.eval_batches(split, batch_size=batch_size,
@@ -59,19 +64,33 @@ def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
   # standard error of `bpd` for this split (none with one draw).
   draws = np.asarray(totals["total_draws"], np.float64) * to_bpd
   result["num_draws"] = int(draws.size)
-  result["bpd_se"] = (float(draws.std(ddof=1) / math.sqrt(draws.size))
-                      if draws.size > 1 else None)
+  result["bpd_se"] = _standard_error(draws)
+  result["conditional"] = bool(conditional)
+  if "uncond_total" in totals:
+    result["bpd_uncond"] = float(totals["uncond_total"]) * to_bpd
+    result["bpd_uncond_se"] = _standard_error(
+        np.asarray(totals["uncond_total_draws"], np.float64) * to_bpd)
   result["num_examples"] = count
   result["split"] = split
   return result
 
 
+def _standard_error(draws: np.ndarray) -> float | None:
+  return (float(draws.std(ddof=1) / math.sqrt(draws.size))
+          if draws.size > 1 else None)
+
+
 def write_eval_json(workdir: str, split: str, step: int, result: dict, *,
-                    dataset_version: str) -> str:
-  """WORKDIR/eval/<split>_<step>.json, written atomically."""
+                    dataset_version: str, name: str | None = None,
+                    record: dict | None = None) -> str:
+  """WORKDIR/eval/<name>.json (default name <split>_<step>), written
+  atomically; `record` (what produced the result: the run's fingerprint,
+  params, estimator, seed; `config_lib.eval_output`) is stored with it."""
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  path = os.path.join(workdir, "eval", f"{split}_{step}.json")
+  path = os.path.join(workdir, "eval", f"{name or f'{split}_{step}'}.json")
+  produced_by = dict(record or {})
   record = {k: v for k, v in result.items() if k != "split"}
+  record.update(produced_by)
   record.update(step=int(step), split=split, dataset_version=dataset_version)
   with open(path + ".tmp", "w") as f:
     json.dump(record, f, indent=2, sort_keys=True)

@@ -1,13 +1,25 @@
-r"""Command line: train, evaluate or sample a VDM.
+r"""Command line: train, evaluate, sample, prepare data, inspect a run.
 
-  python -m vdm.main --config=configs/mnist5k.py --workdir=runs/demo
-  python -m vdm.main --config=configs/mnist5k.py --workdir=runs/demo \
-      --mode=eval --split=test
-  python -m vdm.main --config=configs/mnist5k.py --workdir=runs/demo \
-      --mode=sample --config.sampling.num_samples=16
+  vdm train --config=configs/mnist5k.py --workdir=runs/demo
+  vdm eval --workdir=runs/demo --split=test
+  vdm sample --workdir=runs/demo --config.sampling.num_samples=16
+  vdm prepare cifar10 --data_dir=DIR
+  vdm info --workdir=runs/demo
 
-`--config.a.b=value` overrides any field (a misspelt field is an error).
-Train resumes from the newest valid checkpoint in WORKDIR/checkpoints.
+`python -m vdm.main --mode=train|eval|sample ...` is the same command.
+`--config` is needed only to start a run: a run writes its config into
+WORKDIR/config.json once, and resume, eval and sample read it from there.
+`--config.a.b=value` overrides a field (a misspelt field is an error that
+says "did you mean"); on an existing run only the fields of
+`config_lib.CHANGEABLE_FIELDS` may change. Train resumes from the newest
+valid checkpoint in WORKDIR/checkpoints.
+
+Exit codes: 0 done; 2 a usage or configuration error (one line
+`error: ...` on stderr; VDM_DEBUG=1 or --debug shows the traceback); 1 the
+run failed (diverged, a checkpoint could not be written, a bug);
+128 + the signal number when stopped by a signal: 143 for SIGTERM, 130 for
+SIGINT (Ctrl-C), after saving a checkpoint if the run had trained steps not
+yet saved; rerun the same command to resume.
 Multi-host: on TPU VMs nothing is needed; elsewhere pass
 --coordinator_address/--num_processes/--process_id (or VDM_COORDINATOR,
 VDM_NUM_PROCESSES, VDM_PROCESS_ID).
@@ -17,6 +29,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import sys
+import re
+import threading
+import traceback
+from typing import Callable, Optional
 
 from absl import app
 from absl import flags
@@ -24,6 +43,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vdm import checkpointing
 from vdm import config_lib
 from vdm import evaluate
 from vdm import generation
@@ -32,18 +52,46 @@ from vdm import parallel
 from vdm import runtime
 from vdm import train
 
+COMMANDS = ("train", "eval", "sample", "prepare", "info")
+EXIT_USAGE = 2      # a usage or configuration error: nothing was run
+EXIT_FAILED = 1     # the run failed (diverged, checkpoint not written, bug)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_code_for_signal(signum: int) -> int:
+  """The exit code after a stop by `signum`: 128 + signum, as a shell reports
+  a process killed by it (SIGTERM 143, SIGINT 130)."""
+  return 128 + int(signum)
+
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/*.py).", lock_config=True)
+    "config", None, "Path to a config file (configs/*.py); needed to start a "
+    "run, optional for resume, eval and sample (they read "
+    "WORKDIR/config.json).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
-                          "What to do.")
-_SPLIT = flags.DEFINE_string("split", "test", "Split for --mode=eval.")
+_MODE = flags.DEFINE_enum("mode", "train", list(COMMANDS),
+                          "What to do (or give it as the first argument).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split for eval.")
+_PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "raw"],
+                            "Parameters for eval and sample: the EMA or the "
+                            "raw (last optimizer step) ones.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "prepare: tfds data_dir (default: tfds').")
+_MANUAL_DIR = flags.DEFINE_string(
+    "manual_dir", None, "prepare: manual downloads (default: "
+    "DATA_DIR/downloads/manual).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of usage errors "
+                           "(also VDM_DEBUG=1).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (multi-process).")
+# Loads WORKDIR/config.json as a config file, so `--config.a.b=` overrides
+# work on a stored config as on a file.
+_STORED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "stored_config.py")
 
 # Measured once on mnist5k's test split by the project (not recomputed by the
 # demo: EM over 4,000 x 784 x 256 takes minutes): a 100-component EM mixture
@@ -56,7 +104,10 @@ def print_summary(ds, config, result: dict, workdir: str):
   rows = [("VDM (this run, EMA params)", result["bpd"])]
   if config.training.report_baselines:
     rows.append(("uniform over the levels", math.log2(ds.vocab_size)))
-    rows.append(("per-pixel categorical, add-one (fit on train)",
+    # Images: one categorical per pixel; other data (toy2d's 2-D points):
+    # one per coordinate.
+    element = "pixel" if len(ds.shape) == 3 else "coordinate"
+    rows.append((f"per-{element} categorical, add-one (fit on train)",
                  input_pipeline.baseline_bpd(ds, split="test")))
     if ds.name == "mnist5k":
       rows.append(("100-component mixture of per-pixel categoricals "
@@ -71,49 +122,418 @@ def print_summary(ds, config, result: dict, workdir: str):
         "TensorBoard events")
 
 
+class SignalExit:
+  """Ends the process at once on SIGTERM / SIGINT while nothing is unsaved.
+
+  A Python signal handler runs only between bytecodes of the main thread,
+  so a signal during a long call into C++ (the first XLA compile, a
+  restore, an eval) would wait for that call to end. Here the C-level
+  handler also writes the signal number into a pipe (`signal.set_wakeup_fd`)
+  and a watcher thread reads it: while the run holds no unsaved progress
+  (before its first train step, after its last save, always in eval and
+  sample) it ends the process with `exit_code_for_signal` through
+  `os._exit`, skipping an interpreter shutdown that would first wait for the
+  compile. While training steps are unsaved, the training loop's
+  `checkpointing.PreemptionGuard` takes the signal: it saves at the next step
+  and `train.Preempted` carries the signal out; a second stop signal then
+  ends the process at once (the checkpoints on disk stay intact: a save
+  cut short is only a tmp folder).
+
+  Single-process runs only: in a multi-process run every process must stop
+  at the same step, which the guard arranges.
+  """
+
+  def __init__(self, *, enabled: bool = True):
+    self._enabled = (enabled and threading.current_thread() is
+                     threading.main_thread())
+    self._lock = threading.Lock()
+    self._unsaved = False
+    self._signals_while_unsaved = 0
+    self._previous = {}
+    self._write_fd = None
+    self._old_wakeup_fd = -1
+
+  def set_unsaved(self, unsaved: bool) -> None:
+    """Whether the run now holds trained steps not yet saved."""
+    with self._lock:
+      self._unsaved = bool(unsaved)
+
+  @staticmethod
+  def _python_handler(signum, frame) -> None:
+    del signum, frame    # the watcher thread acts on the signal
+
+  def __enter__(self) -> "SignalExit":
+    if not self._enabled:
+      return self
+    read_fd, self._write_fd = os.pipe()
+    os.set_blocking(self._write_fd, False)
+    for signum in STOP_SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._python_handler)
+    self._old_wakeup_fd = signal.set_wakeup_fd(self._write_fd,
+                                               warn_on_full_buffer=False)
+    threading.Thread(target=self._watch, args=(read_fd,), daemon=True,
+                     name="vdm-signal-exit").start()
+    return self
+
+  def _watch(self, read_fd: int) -> None:
+    while True:
+      try:
+        data = os.read(read_fd, 64)
+      except OSError:
+        return
+      if not data:          # the write end was closed: __exit__
+        os.close(read_fd)
+        return
+      for signum in data:
+        if signum not in STOP_SIGNALS:
+          continue
+        with self._lock:
+          if self._unsaved:
+            self._signals_while_unsaved += 1
+            if self._signals_while_unsaved < 2:
+              continue            # the training loop saves, then stops
+          _stop_now(signum, saved=not self._unsaved)
+
+  def __exit__(self, *exc_info) -> None:
+    if not self._enabled or self._write_fd is None:
+      return
+    signal.set_wakeup_fd(self._old_wakeup_fd)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    os.close(self._write_fd)
+    self._write_fd = None
+
+
+def _stop_now(signum: int, *, saved: bool) -> None:
+  """Flushes the console (without risking a wait on a busy stream) and
+  ends the process with `exit_code_for_signal(signum)`."""
+  code = exit_code_for_signal(signum)
+  flusher = threading.Thread(
+      target=lambda: (sys.stdout.flush(), sys.stderr.flush()), daemon=True)
+  flusher.start()
+  flusher.join(1.0)
+  state = ("nothing unsaved was lost" if saved else
+           "stopped at once on the second signal; the last checkpoint is "
+           "intact")
+  os.write(2, (f"stopped by {signal.Signals(signum).name} ({state}); "
+               f"exit code {code}. Rerun the same command to resume.\n"
+               ).encode())
+  os._exit(code)   # pylint: disable=protected-access
+
+
+def _debug_requested(argv) -> bool:
+  return (os.environ.get("VDM_DEBUG", "") not in ("", "0") or
+          "--debug" in argv)
+
+
+def _one_line(error: BaseException) -> str:
+  text = (error.args[0] if isinstance(error, KeyError) and error.args
+          and isinstance(error.args[0], str) else str(error))
+  return " ".join(text.split()) or type(error).__name__
+
+
+def _print_error(message: str) -> None:
+  sys.stdout.flush()
+  print(f"error: {message}", file=sys.stderr)
+
+
+def _raw_flag(argv, name: str) -> Optional[str]:
+  """The value of --name in argv as given (last one wins), or None."""
+  value = None
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--":
+      break
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def expand_argv(argv: list[str]) -> list[str]:
+  """`vdm COMMAND ...` -> `... --mode=COMMAND`; a run's stored config as
+  `--config` when none is given and WORKDIR/config.json exists.
+
+  Raises:
+    app.UsageError: the command is given twice, or --config names no file.
+  """
+  argv = list(argv)
+  if len(argv) > 1 and argv[1] in COMMANDS:
+    if _raw_flag(argv, "mode") is not None:
+      raise app.UsageError(f"give the command once: either `{argv[1]}` or "
+                           "--mode, not both.")
+    argv = [argv[0], f"--mode={argv[1]}"] + argv[2:]
+  mode = _raw_flag(argv, "mode") or "train"
+  workdir = _raw_flag(argv, "workdir")
+  config = _raw_flag(argv, "config")
+  if config is not None:
+    path = config.split(":", 1)[0]
+    if not os.path.isfile(path):
+      raise app.UsageError(f"--config={config}: no such file; pass a config "
+                           "file such as configs/digits.py.")
+  elif workdir and mode in config_lib.MODES:
+    stored = os.path.join(os.path.abspath(workdir), config_lib.CONFIG_FILE)
+    if os.path.isfile(stored):
+      argv.insert(1, f"--config={_STORED_CONFIG}:{stored}")
+  return argv
+
+
+def _flag_error(error: BaseException, argv) -> str:
+  """One line for an error of the flags parser (unknown flag, misspelt or
+  badly typed config override)."""
+  text = _one_line(error)
+  if not isinstance(error, (KeyError, AttributeError)):
+    return text
+  # ml_collections names the missing part and, when one is close, the
+  # existing key: 'trainin' ... Did you mean "training" instead of "trainin"?
+  found = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  missing = found.group(2) if found else re.sub(r"\W", "", text.split()[0])
+  for arg in argv[1:]:
+    flag = arg.split("=", 1)[0]
+    if not flag.startswith(("--config.", "--noconfig.")):
+      continue
+    parts = flag.split(".")
+    if missing in parts[1:]:
+      field = ".".join(parts[1:])
+      if found:
+        parts[parts.index(missing, 1)] = found.group(1)
+        return (f"{flag}: the config has no field {missing!r}; did you mean "
+                f"{'.'.join(parts)}?")
+      return (f"{flag}: the config has no field {missing!r} (in {field!r}); "
+              "see the config file for its fields.")
+  return f"unknown config field: {text}"
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-except
+    if _debug_requested(argv):
+      raise
+    _print_error(_flag_error(error, argv))
+    sys.exit(EXIT_USAGE)
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+  return (ValueError, TypeError, KeyError, FileNotFoundError,
+          NotADirectoryError, app.UsageError, flags.Error,
+          checkpointing.WorkdirInUseError)
+
+
+def _is_run_failure(error: BaseException) -> bool:
+  """A failure of the run the library reports with its own message."""
+  if isinstance(error, (checkpointing.NonFiniteStateError,
+                        checkpointing.CheckpointSaveError)):
+    return True
+  if type(error) is not RuntimeError or error.__traceback__ is None:
+    return False
+  innermost = traceback.extract_tb(error.__traceback__)[-1].filename
+  return os.path.dirname(os.path.abspath(innermost)) == os.path.dirname(
+      os.path.abspath(__file__))
+
+
 def main(argv):
+  try:
+    return _main(argv)
+  except Exception as error:  # pylint: disable=broad-except
+    if _debug_requested(sys.argv) or _DEBUG.value:
+      raise
+    if isinstance(error, _usage_errors()):
+      _print_error(_one_line(error))
+      return EXIT_USAGE
+    if _is_run_failure(error):
+      _print_error(_one_line(error))
+      return EXIT_FAILED
+    raise
+
+
+def _main(argv) -> int:
+  if not flags.FLAGS["verbosity"].present:
+    # Progress goes to stdout; keep library INFO chatter (Orbax, jax's
+    # backend search) out of the console unless asked for (--verbosity=0).
+    logging.set_verbosity(logging.WARNING)
+  mode = _MODE.value
+  if mode == "prepare":
+    return _prepare(argv)
+  if mode == "info":
+    return _info(argv)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("--config and --workdir are required.")
-  if not flags.FLAGS["verbosity"].present:
-    # Progress goes to stdout; keep library INFO chatter (Orbax) out of the
-    # console unless asked for with --verbosity=0.
-    logging.set_verbosity(logging.WARNING)
+  workdir = _WORKDIR.value
+  if not workdir:
+    raise app.UsageError(f"--workdir is required for {mode}.")
+  exists = os.path.isdir(workdir)
+  if mode != "train" and not exists:
+    raise FileNotFoundError(
+        f"no run in {workdir}: the folder does not exist. Train first (vdm "
+        f"train --config=... --workdir={workdir}) or fix --workdir.")
+  if _CONFIG.value is None:
+    if mode == "train":
+      raise app.UsageError(f"--config is required to start a run: {workdir} "
+                           f"has no {config_lib.CONFIG_FILE} yet.")
+    raise FileNotFoundError(
+        f"{workdir} has no {config_lib.CONFIG_FILE} (not a run, or one from "
+        "before runs recorded their config): pass --config=<the config file "
+        "it was trained with>.")
+  config = _CONFIG.value
+  config_lib.validate(config, mode=mode)
+  # Refused before anything is compiled or written (train checks again
+  # under the workdir lock).
+  stored = config_lib.load_run_config(workdir) if exists else None
+  if stored is not None:
+    config_lib.check_changes(stored, config, workdir)
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
-  config = _CONFIG.value
-  config_lib.validate(config)
   parallel.check_config_agreement(config_lib.fingerprint(config))
-  workdir = _WORKDIR.value
-  if _MODE.value == "train":
-    result = train.train_and_evaluate(config, workdir)
-    if result and parallel.is_main_process():
-      ds = input_pipeline.create(config.data.dataset,
-                                 data_dir=config.data.data_dir or None,
-                                 seed=config.training.seed)
-      print_summary(ds, config, result, workdir)
-    return
+  with SignalExit(enabled=jax.process_count() == 1) as stopper:
+    if mode == "train":
+      return _train(config, workdir, stopper.set_unsaved)
+    return _eval_or_sample(config, workdir, mode)
+
+
+def _train(config, workdir: str, on_unsaved: Callable[[bool], None]) -> int:
+  try:
+    result = train.train_and_evaluate(
+        config, workdir, on_unsaved=on_unsaved,
+        config_path=config_flags.get_config_filename(flags.FLAGS["config"]))
+  except train.Preempted as stop:
+    code = exit_code_for_signal(stop.signum)
+    if jax.process_count() == 1:
+      # Everything is saved and closed. Skip the interpreter's shutdown: it
+      # stops the still-running library threads (the batch prefetcher,
+      # Orbax's and XLA's pools) by unwinding them, which aborted (exit 134)
+      # in about half of the runs stopped this way.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      logging.flush()
+      os._exit(code)   # pylint: disable=protected-access
+    return code
+  if result and parallel.is_main_process():
+    ds = input_pipeline.create(config.data.dataset,
+                               data_dir=config.data.data_dir or None,
+                               seed=config.training.seed)
+    print_summary(ds, config, result, workdir)
+  return 0
+
+
+def _eval_or_sample(config, workdir: str, mode: str) -> int:
   trainer = train.Trainer(config)
   state, step = train.restore_for_inference(trainer, workdir)
-  if _MODE.value == "eval":
-    result = trainer.evaluate(state.ema_params, split=_SPLIT.value)
+  params = state.ema_params if _PARAMS.value == "ema" else state.params
+  if mode == "eval":
+    result = trainer.evaluate(params, split=_SPLIT.value)
     if parallel.is_main_process():
+      name, record = config_lib.eval_output(config, _SPLIT.value, step,
+                                            _PARAMS.value)
       path = evaluate.write_eval_json(workdir, _SPLIT.value, step, result,
-                                      dataset_version=trainer.ds.version)
-      print(json.dumps({k: v for k, v in result.items()}, indent=2))
+                                      dataset_version=trainer.ds.version,
+                                      name=name, record=record)
+      print(json.dumps(dict(result), indent=2))
       print(f"wrote {path}")
+    return 0
+  params = trainer.gather(params)   # on every process (FSDP)
+  if parallel.is_main_process():
+    path = generation.write_samples(
+        trainer.model, params, workdir, step,
+        generation.SamplingOptions.from_config(config.sampling),
+        name=config_lib.sample_output(config, step, _PARAMS.value))
+    print(f"wrote {path}")
+  return 0
+
+
+def _prepare(argv) -> int:
+  if len(argv) != 2:
+    raise app.UsageError("usage: vdm prepare NAME [--data_dir=DIR] "
+                         f"[--manual_dir=DIR]; NAME one of "
+                         f"{', '.join(input_pipeline.DATASETS)}.")
+  name = argv[1]
+  if name not in input_pipeline.DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; known: "
+                     f"{', '.join(input_pipeline.DATASETS)}.")
+  from vdm import datasets_tfds  # pylint: disable=g-import-not-at-top
+  if name in datasets_tfds.TFDS_DATASETS:
+    path = datasets_tfds.prepare(name, data_dir=_DATA_DIR.value,
+                                 manual_dir=_MANUAL_DIR.value)
+    print(f"prepared {name} in {path}")
+  ds = input_pipeline.create(name, data_dir=_DATA_DIR.value)
+  print(ds)
+  print(f"uniform: {input_pipeline.uniform_bpd(ds):.3f} bits/dim; "
+        "per-element categorical (fit on train): "
+        f"{input_pipeline.baseline_bpd(ds):.3f} bits/dim on test")
+  return 0
+
+
+def run_info(workdir: str) -> str:
+  """What `vdm info` prints about the run in `workdir`: its config summary,
+  fingerprint, checkpoints (steps, newest), eval and sample files. Reads
+  only; never writes."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"no run in {workdir}: the folder does not "
+                            "exist.")
+  config = config_lib.load_run_config(workdir)
+  lines = [f"run {os.path.abspath(workdir)}"]
+  if config is None:
+    lines.append(f"  no {config_lib.CONFIG_FILE}: not a run, or one from "
+                 "before runs recorded their config")
   else:
-    params = trainer.gather(state.ema_params)   # on every process (FSDP)
-    if parallel.is_main_process():
-      path = generation.write_samples(
-          trainer.model, params, workdir, step,
-          generation.SamplingOptions.from_config(config.sampling))
-      print(f"wrote {path}")
+    model, data, cfg = config.model, config.data, config.training
+    lines += [
+        f"  fingerprint {config_lib.run_fingerprint(config)}",
+        f"  data {data.dataset} ({data.vocab_size} levels, flip "
+        f"{data.flip})",
+        f"  model net {model.net}, schedule {model.schedule}, "
+        f"parameterization {model.parameterization}, weighting "
+        f"{model.weighting}, conditional {model.conditional}",
+        f"  training {cfg.num_steps} steps, batch {cfg.batch_size}, lr "
+        f"{config.optimizer.learning_rate}, seed {cfg.seed}"]
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(
+      ckpt_dir) else []) if n.isdigit())
+  if steps:
+    lines.append(f"  checkpoints: steps {', '.join(map(str, steps))} "
+                 f"(newest {steps[-1]})")
+    try:
+      with open(os.path.join(ckpt_dir, str(steps[-1]), "metadata",
+                             "metadata")) as f:
+        saved = json.load(f).get("config_hash")
+      if saved and config is not None:
+        same = saved == config_lib.run_fingerprint(config)
+        lines.append(f"  newest checkpoint fingerprint {saved}"
+                     f"{'' if same else ' (DIFFERS from config.json)'}")
+    except (OSError, ValueError):
+      lines.append("  newest checkpoint metadata unreadable")
+  else:
+    lines.append("  checkpoints: none")
+  for folder in ("eval", "samples"):
+    path = os.path.join(workdir, folder)
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    names = [n for n in names if n.endswith((".json", ".png"))]
+    lines.append(f"  {folder}: {', '.join(names) if names else 'none'}")
+  return "\n".join(lines)
+
+
+def _info(argv) -> int:
+  workdir = _WORKDIR.value or (argv[1] if len(argv) == 2 else None)
+  if not workdir or (len(argv) > 1 and _WORKDIR.value):
+    raise app.UsageError("usage: vdm info --workdir=DIR (or vdm info DIR).")
+  print(run_info(workdir))
+  return 0
+
+
+def console_main(argv: Optional[list[str]] = None) -> None:
+  """The `vdm` console script and `python -m vdm.main`."""
+  runtime.reexec_with_allocator()  # on CPU: mimalloc or tcmalloc, ~1.2x faster
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    argv = expand_argv(argv)
+  except app.UsageError as error:
+    if _debug_requested(argv):
+      raise
+    _print_error(_one_line(error))
+    sys.exit(EXIT_USAGE)
+  jax.config.config_with_absl()
+  app.run(main, argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_allocator()  # on CPU: mimalloc or tcmalloc, ~1.2x faster
-  flags.mark_flags_as_required(["config", "workdir"])
-  jax.config.config_with_absl()
-  app.run(main)
+  console_main()

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import math
 import os
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -118,14 +119,75 @@ def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
   return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
+def accumulated_value_and_grad(loss_fn: Callable, params: Any, inputs: Any,
+                               key: jax.Array, num_micro_batches: int):
+  """value_and_grad of a batch-mean loss, over micro-batches in a scan.
+
+  Gradient accumulation: only one micro-batch's activations are live at a
+  time, so a batch that does not fit a device in one pass still trains as
+  one optimizer step (the paper's batch 128 on a smaller GPU). Micro-batch k
+  holds examples k, k + K, k + 2K, ... (K = num_micro_batches): a strided
+  split keeps each device's rows of a data-sharded batch on that device.
+
+  Args:
+    loss_fn: (params, inputs, key) -> (loss [] mean over the examples,
+      aux: a dict of [n, ...] per-example arrays).
+    params: what to differentiate.
+    inputs: a pytree of [B, ...] arrays (None leaves allowed).
+    key: K = 1: passed as is (the plain value_and_grad, the same program
+      as without accumulation); K > 1: micro-batch k gets fold_in(key, k).
+    num_micro_batches: K, a positive int dividing B.
+  Returns:
+    ((mean loss, aux with [B, ...] leaves in the input's order), mean
+    gradient). Equal to one pass over the batch up to float rounding (the
+    mean is a sum of K partial means) where loss_fn draws no random numbers;
+    with random draws, in distribution (each micro-batch draws its own).
+  Raises:
+    ValueError: K not a positive int dividing the batch.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  num = num_micro_batches
+  if num == 1:
+    return grad_fn(params, inputs, key)
+  sizes = [a.shape[0] for a in jax.tree.leaves(inputs)]
+  if (not isinstance(num, int) or num < 1 or len(set(sizes)) != 1
+      or sizes[0] % num):
+    raise ValueError(
+        f"num_micro_batches={num!r} must be a positive int dividing the "
+        f"batch; got leading sizes {sizes}. Set "
+        "config.training.grad_accum_steps to a divisor of "
+        "config.training.batch_size.")
+  # [B, ...] -> [K, B / K, ...]: micro-batch k = rows k, k + K, ...
+  split = lambda a: jnp.swapaxes(
+      a.reshape((a.shape[0] // num, num) + a.shape[1:]), 0, 1)
+  merge = lambda a: jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
+
+  def micro(grad_sum, xs):
+    k, micro_inputs = xs
+    (loss, aux), grads = grad_fn(params, micro_inputs,
+                                 jax.random.fold_in(key, k))
+    return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grad_sum, (losses, aux) = jax.lax.scan(
+      micro, zeros, (jnp.arange(num), jax.tree.map(split, inputs)))
+  grads = jax.tree.map(lambda g: g / num, grad_sum)
+  return (jnp.mean(losses), jax.tree.map(merge, aux)), grads
+
+
 def train_step(state: TrainState, batch: dict, *, model: model_lib.Model,
                base_key: jax.Array, ema_decay: float, adaptive_decay: float,
-               learning_rate_fn: Callable) -> tuple[TrainState, dict]:
+               learning_rate_fn: Callable, grad_accum_steps: int = 1
+               ) -> tuple[TrainState, dict]:
   """One optimizer step. Pure: (state, batch) -> (state, metrics).
 
   Args:
     state: the train state (donated by the jitted caller).
     batch: {'image': [B, ...] int, 'label': [B] int32}, global batch.
+    grad_accum_steps: micro-batches the batch's gradient is accumulated over
+      (`accumulated_value_and_grad`); the optimizer, EMA, adaptive
+      histogram and step counter advance once per step whatever it is. 1 =
+      one pass over the batch.
   Returns:
     (new state, metrics: float32 scalars averaged over the global batch; bpd
     figures per dimension in bits).
@@ -135,10 +197,11 @@ def train_step(state: TrainState, batch: dict, *, model: model_lib.Model,
   labels = batch["label"] if model.num_classes else None
   adaptive = state.adaptive if model.noise_schedule == "adaptive" else None
 
-  def loss_fn(params):
-    return model.training_loss(params, x, labels, key, adaptive)
+  def loss_fn(params, inputs, key):
+    return model.training_loss(params, inputs[0], inputs[1], key, adaptive)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, aux), grads = accumulated_value_and_grad(
+      loss_fn, state.params, (x, labels), key, grad_accum_steps)
   new_state = state.apply_gradients(grads=grads)
   decay = ema_decay_at(state.step, ema_decay)
   new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
@@ -174,25 +237,39 @@ def eval_step(params, batch: dict, batch_index: jax.Array, *,
   i.i.d. and their spread gives the Monte Carlo standard error
   (`evaluate.evaluate_split`). Terms are averaged over the draws;
   'total_draws' [K] holds each draw's sum of the total.
+
+  A class-conditional model's terms are -log p(x | y). If it was trained
+  with label dropout (p_uncond > 0) it also has an unconditional model, the
+  null label: 'uncond_total' (and 'uncond_total_draws') is -log p(x) under
+  it, on the same draws (common random numbers).
   """
   key = jax.random.fold_in(eval_key, batch_index)
   x = batch["image"].astype(jnp.int32)
   labels = batch["label"] if model.num_classes else None
   mask = batch["mask"].astype(jnp.float32)
+  with_uncond = bool(model.num_classes) and model.p_uncond > 0
 
   def draw_sums(key_k):
     terms = model.elbo_terms(params, x, labels, key_k)
-    return {k: jnp.sum(v * mask) for k, v in terms.items()}
+    sums_k = {k: jnp.sum(v * mask) for k, v in terms.items()}
+    if with_uncond:
+      uncond = model.elbo_terms(params, x, None, key_k)["total"]
+      sums_k["uncond_total"] = jnp.sum(uncond * mask)
+    return sums_k
 
   if num_draws == 1:
     sums = draw_sums(key)
     sums["total_draws"] = sums["total"][None]
+    if with_uncond:
+      sums["uncond_total_draws"] = sums["uncond_total"][None]
   else:
     keys = jnp.stack([key] + [jax.random.fold_in(key, k)
                               for k in range(1, num_draws)])
     per_draw = jax.lax.map(draw_sums, keys)
     sums = {k: jnp.mean(v) for k, v in per_draw.items()}
     sums["total_draws"] = per_draw["total"]
+    if with_uncond:
+      sums["uncond_total_draws"] = per_draw["uncond_total"]
   sums["count"] = jnp.sum(mask)
   return sums
 
@@ -230,7 +307,8 @@ def make_init(model: model_lib.Model, tx: optax.GradientTransformation, *,
 def make_train_step(model: model_lib.Model, *, seed: int, ema_decay: float,
                     adaptive_decay: float, learning_rate_fn: Callable,
                     state_sharding: Any, mesh: jax.sharding.Mesh,
-                    batch_sharding: jax.sharding.Sharding | None = None
+                    batch_sharding: jax.sharding.Sharding | None = None,
+                    grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, dict],
                                   tuple[TrainState, dict]]:
   """The compiled train step `(state, batch) -> (state, metrics)`.
@@ -248,6 +326,8 @@ def make_train_step(model: model_lib.Model, *, seed: int, ema_decay: float,
     state_sharding: shardings of the train state (`make_init`).
     mesh: the device mesh.
     batch_sharding: of the batch; default `parallel.data_sharding(mesh)`.
+    grad_accum_steps: `config.training.grad_accum_steps` (see
+      `train_step`).
   Returns:
     The jitted step.
   """
@@ -256,7 +336,7 @@ def make_train_step(model: model_lib.Model, *, seed: int, ema_decay: float,
   step_fn = functools.partial(
       train_step, model=model, base_key=train_base_key(seed),
       ema_decay=ema_decay, adaptive_decay=adaptive_decay,
-      learning_rate_fn=learning_rate_fn)
+      learning_rate_fn=learning_rate_fn, grad_accum_steps=grad_accum_steps)
   return runtime.jit(
       step_fn, in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, parallel.replicated(mesh)),
@@ -334,7 +414,9 @@ class Trainer:
         adaptive_decay=config.model.adaptive_decay,
         learning_rate_fn=self.learning_rate_fn,
         state_sharding=self.state_sharding, mesh=self.mesh,
-        batch_sharding=self.batch_sharding)
+        batch_sharding=self.batch_sharding,
+        # Older run configs lack the field: one pass per batch.
+        grad_accum_steps=config.training.get("grad_accum_steps", 1))
     self.eval_step = make_eval_step(
         self.model, eval_seed=config.training.eval_seed,
         params_sharding=self.state_sharding.ema_params, mesh=self.mesh,
@@ -374,7 +456,8 @@ class Trainer:
     return evaluate.evaluate_split(
         self.eval_step, params, self.ds, split=split,
         batch_size=self.config.training.eval_batch_size, mesh=self.mesh,
-        num_dims=self.model.num_dims)
+        num_dims=self.model.num_dims,
+        conditional=self.model.num_classes > 0)
 
 
 def _fetch_mean(metric_list: list[dict]) -> dict[str, float]:
@@ -394,22 +477,59 @@ def _check_finite(metrics: dict[str, float], first_step: int, last_step: int,
         " Lower optimizer.learning_rate or set optimizer.grad_clip.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+class Preempted(Exception):
+  """Training stopped on a signal (SIGTERM, SIGINT) after saving its step.
+
+  Attributes:
+    signum: the signal.
+    step: the step saved (rerun the same command to resume from it).
+  """
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"stopped by signal {signum} after saving step {step}; "
+                     "rerun the same command to resume.")
+    self.signum = signum
+    self.step = step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       config_path: str | None = None,
+                       on_unsaved: Callable[[bool], None] | None = None
                        ) -> dict:
   """Trains (resuming from WORKDIR/checkpoints), evaluates and samples.
 
+  The workdir is one run: a new run writes its config to
+  WORKDIR/config.json once; a resume is refused (ValueError, before
+  anything is compiled or written) if `config` changes a field outside
+  `config_lib.CHANGEABLE_FIELDS`.
+
+  Args:
+    config: the run's config.
+    workdir: the run directory.
+    config_path: the config file it came from, shown in the console header.
+    on_unsaved: called with True once the run has trained a step not yet
+      saved and with False once everything is saved (the command line ends
+      the process at once on a signal while nothing is unsaved).
   Returns:
     The final eval result ({'bpd', 'bpd_recon', ...}) or {} if eval is off.
+  Raises:
+    Preempted: a SIGTERM or SIGINT stopped the run after saving.
+    ValueError: a bad config, or one that is not this workdir's run.
+    checkpointing.WorkdirInUseError: another training run holds `workdir`.
   """
-  trainer = Trainer(config)
+  config_lib.validate(config)
   cfg = config.training
   main_process = parallel.is_main_process()
   # One training run per workdir, locked before anything is written to it
   # (by process 0; the kernel releases the lock however the process ends).
   with checkpointing.WorkdirLock(workdir, enabled=main_process):
+    stored = config_lib.load_run_config(workdir)
+    if stored is not None:         # a resume: the same run, or refused
+      config_lib.check_changes(stored, config, workdir)
+    trainer = Trainer(config)
     os.makedirs(workdir, exist_ok=True)
     if main_process:
-      config_lib.write(config, workdir)
+      config_lib.write_once(config, workdir)
     ckpt = checkpointing.Manager(
         os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
         keep_best=True, best_metric="bpd")
@@ -418,30 +538,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     # non-finite loss (or any error) stops the run: the last good checkpoint
     # is always complete on disk before the exception leaves this function.
     with ckpt, contextlib.closing(writer):
-      return _train_loop(trainer, workdir, ckpt, writer)
+      return _train_loop(trainer, workdir, ckpt, writer, config_path,
+                         on_unsaved or (lambda unsaved: None))
+
+
+def _check_fingerprint(metadata: dict, fingerprint: str, step: int,
+                       workdir: str) -> None:
+  """Refuses a checkpoint saved by another run (config.json replaced)."""
+  saved = metadata.get("config_hash")
+  if saved is not None and saved != fingerprint:
+    raise ValueError(
+        f"checkpoint step {step} in {workdir} was saved by a run with "
+        f"fingerprint {saved}, but this config has {fingerprint} (data or "
+        "model differ): the workdir's config.json no longer matches its "
+        "checkpoints. Use the config that trained them, or a new --workdir.")
+
+
+def _header(trainer: Trainer, workdir: str, config_path: str | None,
+            resumed_step: int | None) -> str:
+  cfg, ds = trainer.config, trainer.ds
+  return reporting.run_header(
+      workdir=workdir, config_path=config_path, resumed_step=resumed_step,
+      devices=list(trainer.mesh.devices.flat),
+      process_count=jax.process_count(), dataset=ds.name,
+      split_sizes={s: ds.num_examples(s) for s in ("train", "test")},
+      data_shape=ds.shape, vocab_size=ds.vocab_size,
+      num_classes=ds.num_classes, net=cfg.model.net,
+      num_params=sum(x.size for x in jax.tree.leaves(
+          trainer.abstract_state.params)),
+      num_steps=cfg.training.num_steps, batch_size=cfg.training.batch_size)
 
 
 def _train_loop(trainer: Trainer, workdir: str, ckpt: checkpointing.Manager,
-                writer: reporting.MetricWriter) -> dict:
+                writer: reporting.MetricWriter,
+                config_path: str | None = None,
+                on_unsaved: Callable[[bool], None] = lambda unsaved: None
+                ) -> dict:
   cfg = trainer.config.training
   main_process = parallel.is_main_process()
+  fingerprint = config_lib.run_fingerprint(trainer.config)
   # Restore or init: 1) fresh state with the final shardings; 2) replace it
   # by the newest valid checkpoint (skipping corrupt ones, with a warning).
   state = trainer.init_state()
   restored = ckpt.restore_latest(state)
   last_good = None
   if restored is not None:
-    state, _, last_good = restored
+    state, metadata, last_good = restored
+    _check_fingerprint(metadata, fingerprint, last_good, workdir)
     logging.info("resumed from step %d", last_good)
   start = int(jax.device_get(state.step))
   progress = reporting.Progress(cfg.num_steps, start, enabled=main_process)
+  progress.message(_header(trainer, workdir, config_path, last_good))
+  # The config as text in TensorBoard, indented: a markdown code block.
+  writer.write_text(start, "config", "\n".join(
+      "    " + line for line in trainer.config.to_json_best_effort(
+          indent=2, sort_keys=True).splitlines()))
   pending, window_start = [], start
   result = {}
 
-  with checkpointing.PreemptionGuard() as guard:
-    for step, batch in zip(range(start, cfg.num_steps),
-                           trainer.batches(start)):
-      state, metrics = trainer.train_step(state, batch)
+  batches = trainer.batches(start)
+  # The guard saves on a signal; `on_unsaved` tells the command line when
+  # there is something to save (from the first step to the last save).
+  with checkpointing.PreemptionGuard() as guard, contextlib.closing(batches):
+    for step, batch in zip(range(start, cfg.num_steps), batches):
+      if step == start:   # compiles; timed apart so rate and ETA exclude it
+        progress.message("compiling the train step ...")
+        compile_start = time.monotonic()
+        state, metrics = jax.block_until_ready(
+            trainer.train_step(state, batch))
+        progress.compiled(step + 1, time.monotonic() - compile_start)
+      else:
+        state, metrics = trainer.train_step(state, batch)
+      if step == start:
+        on_unsaved(True)
       pending.append(metrics)
       done = step + 1
       is_last = done == cfg.num_steps
@@ -454,25 +623,33 @@ def _train_loop(trainer: Trainer, workdir: str, ckpt: checkpointing.Manager,
         _check_finite(mean, window_start + 1, done, last_good)
         pending, window_start = [], done
         if log_now:
-          writer.write_scalars(done, {f"train/{k}": v for k, v in mean.items()})
           progress.update(done, mean)
+          writer.write_scalars(done, {f"train/{k}": v for k, v in mean.items()})
+          if progress.rate is not None:
+            writer.write_scalars(done, {"train/steps_per_s": progress.rate})
       eval_metrics = None
       if eval_now:
+        progress.message(f"step {done}: evaluating the test split ...")
         result = trainer.evaluate(state.ema_params)
         eval_metrics = {"bpd": result["bpd"]}
         writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items()
                                     if k != "split"})
         progress.message(f"step {done}: test bpd {result['bpd']:.4f}")
       if save_now or preempted or is_last:
-        ckpt.save(done, state, metadata={"data_step": done},
+        ckpt.save(done, state,
+                  metadata={"data_step": done, "config_hash": fingerprint},
                   metrics=eval_metrics, force=True)
         last_good = done
       if preempted:
         ckpt.wait_until_finished()
+        on_unsaved(False)
         progress.message(f"preempted: saved step {done}; rerun the same "
                          "command to resume.")
-        return {}
-  ckpt.wait_until_finished()
+        raise Preempted(guard.signal or 0, done)
+    ckpt.wait_until_finished()
+    on_unsaved(False)
+    if guard.requested:          # a signal after the last step: all saved
+      raise Preempted(guard.signal or 0, last_good or start)
   progress.close()
 
   if cfg.num_steps > start or not result:
@@ -485,22 +662,37 @@ def finish(trainer: Trainer, state: TrainState, workdir: str, writer,
   """Final eval over the whole test split, JSON, samples and plots."""
   config = trainer.config
   step = int(jax.device_get(state.step))
+  main_process = parallel.is_main_process()
   # The final eval always runs (eval_every only sets the periodic ones).
+  reporting.say(f"final eval: test split, {trainer.ds.num_examples('test'):,}"
+                " examples ...", enabled=main_process)
+  started = time.monotonic()
   result = trainer.evaluate(state.ema_params)
+  reporting.say(f"final eval: {result['bpd']:.4f} bits/dim in "
+                f"{time.monotonic() - started:.1f} s", enabled=main_process)
   writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()
                               if k != "split"})
-  if parallel.is_main_process():
+  if main_process:
+    name, record = config_lib.eval_output(config, "test", step)
     evaluate.write_eval_json(workdir, "test", step, result,
-                             dataset_version=trainer.ds.version)
+                             dataset_version=trainer.ds.version, name=name,
+                             record=record)
   if config.sampling.num_samples > 0:
     params = trainer.gather(state.ema_params)   # on every process (FSDP)
-    if parallel.is_main_process():
-      generation.write_samples(
+    if main_process:
+      smp = config.sampling
+      reporting.say(f"sampling {smp.num_samples} ({smp.sampler}, "
+                    f"{smp.num_steps} steps) and plotting ...")
+      started = time.monotonic()
+      path = generation.write_samples(
           trainer.model, params, workdir, step,
-          generation.SamplingOptions.from_config(config.sampling))
-      reporting.write_plots(
+          generation.SamplingOptions.from_config(config.sampling),
+          writer=writer, name=config_lib.sample_output(config, step))
+      paths = reporting.write_plots(
           trainer.model, params, workdir, step,
           next(iter(trainer.ds.eval_batches("test", batch_size=64))))
+      reporting.say(f"wrote {path} and {len(paths)} plots in "
+                    f"{time.monotonic() - started:.1f} s")
   return result
 
 
@@ -521,5 +713,7 @@ def restore_for_inference(trainer: Trainer, workdir: str
     raise FileNotFoundError(
         f"no checkpoint in {directory}; train first: python -m vdm.main "
         f"--config=... --workdir={workdir}")
-  state, _, step = restored
+  state, metadata, step = restored
+  _check_fingerprint(metadata, config_lib.run_fingerprint(trainer.config),
+                     step, workdir)
   return state, step
