@@ -6,11 +6,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vdm import evaluate
 from vdm import model as model_lib
 from vdm import nets
 from vdm import train
+import nets_util
 
 _NET = nets.get("mlp", hidden=16, num_res_blocks=1)
 MODEL = model_lib.Model(net=_NET, data_shape=(8,), vocab_size=17,
@@ -72,3 +74,47 @@ def test_standard_error_covers_a_many_draw_reference():
                            mesh=mesh),
       PARAMS, _Split(), split="test", batch_size=32, mesh=mesh, num_dims=8)
   assert single["num_draws"] == 1 and single["bpd_se"] is None
+
+
+def test_conditional_eval_is_marked_and_reports_the_null_label_bpd():
+  """-log p(x | y) is marked conditional; with label dropout the null
+  label's -log p(x) comes too, on the same draws."""
+  net = nets.get("mlp", hidden=16, num_res_blocks=1, num_classes=3)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  batch = dict(BATCH, label=jnp.arange(32, dtype=jnp.int32) % 3)
+
+  class Split(_Split):
+    def eval_batches(self, split, **kwargs):
+      del split, kwargs
+      yield {k: np.asarray(v) for k, v in batch.items()}
+
+  for p_uncond in (0.0, 0.2):
+    model = model_lib.Model(net=net, data_shape=(8,), vocab_size=17,
+                            schedule="fixed_linear", num_classes=3,
+                            p_uncond=p_uncond)
+    params = nets_util.perturb(model.init(jax.random.key(0)), 3)
+    step = train.make_eval_step(model, eval_seed=5, params_sharding=None,
+                                mesh=mesh, num_draws=2)
+    result = evaluate.evaluate_split(step, params, Split(), split="test",
+                                     batch_size=32, mesh=mesh, num_dims=8,
+                                     conditional=True)
+    assert result["conditional"] is True
+    if p_uncond == 0:
+      assert "bpd_uncond" not in result
+      continue
+    key = jax.random.fold_in(jax.random.key(5), 0)
+    to_bpd = 1 / (32 * 8 * math.log(2))
+    cond = model.elbo_terms(params, X, batch["label"], key)["total"]
+    uncond = model.elbo_terms(params, X, None, key)["total"]
+    # Draw 0 of 2 (the draws' mean is the result): same key for both.
+    assert result["bpd_uncond_se"] > 0
+    step_sums = jax.device_get(jax.jit(lambda p, b: train.eval_step(
+        p, b, jnp.int32(0), model=model, eval_key=jax.random.key(5),
+        num_draws=2))(params, batch))
+    np.testing.assert_allclose(step_sums["uncond_total_draws"][0],
+                               float(jnp.sum(uncond)), rtol=1e-5)
+    np.testing.assert_allclose(step_sums["total_draws"][0],
+                               float(jnp.sum(cond)), rtol=1e-5)
+    assert float(jnp.sum(uncond)) != float(jnp.sum(cond))
+    assert result["bpd_uncond"] == pytest.approx(
+        float(np.mean(step_sums["uncond_total_draws"])) * to_bpd, rel=1e-6)
