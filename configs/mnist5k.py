@@ -73,6 +73,15 @@ def get_config():
   config.optimizer.grad_clip = 1.0        # global norm; 0 = off
   config.optimizer.ema_decay = 0.999
 
+  # --mode=eval and the final eval, over the whole split (docs/likelihood.md).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.estimator = "elbo"          # elbo | ode | both
+  config.eval.num_draws = 1               # ELBO draws of (t, eps) per image
+  config.eval.dequantization = "truncated_normal"  # ODE: | uniform
+  config.eval.ode_num_draws = 1           # ODE: importance-weighted draws
+  config.eval.ode_rtol = 1e-5             # ODE solver tolerances
+  config.eval.ode_atol = 1e-5
+
   config.sampling = ml_collections.ConfigDict()
   config.sampling.sampler = "ancestral"   # ancestral | ddim
   config.sampling.num_steps = 250

@@ -61,8 +61,22 @@ CHANGEABLE_FIELDS = (
     "training.report_baselines", "training.num_devices", "training.fsdp",
     "training.grad_accum_steps", "model.net_kwargs.fused_norm",
     "optimizer.learning_rate",
-    "sampling.",
+    "sampling.", "eval.",
 )
+
+# config.eval: the estimators of --mode=eval and the final eval. A config
+# without the group (runs from before it) gets these.
+EVAL_DEFAULTS = {"estimator": "elbo", "num_draws": 1,
+                 "dequantization": "truncated_normal", "ode_num_draws": 1,
+                 "ode_rtol": 1e-5, "ode_atol": 1e-5}
+ESTIMATORS = ("elbo", "ode", "both")
+
+
+def eval_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """config.eval's fields, the defaults where the group or a field is
+  missing."""
+  given = dict(config.eval) if "eval" in config else {}
+  return {k: given.get(k, v) for k, v in EVAL_DEFAULTS.items()}
 
 
 def _fail(field: str, value, expected: str):
@@ -182,7 +196,31 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train"
   if mode == "sample" and smp.num_samples == 0:
     _fail("sampling.num_samples", smp.num_samples,
           "an int > 0 for --mode=sample")
+  _check_eval(config)
   _check_net_takes_data(config)
+
+
+def _check_eval(config: ml_collections.ConfigDict) -> None:
+  if "eval" in config:
+    unknown = sorted(set(config.eval) - set(EVAL_DEFAULTS))
+    if unknown:
+      _fail(f"eval.{unknown[0]}", config.eval[unknown[0]],
+            f"one of the eval fields {', '.join(EVAL_DEFAULTS)}")
+  opts = eval_options(config)
+  if opts["estimator"] not in ESTIMATORS:
+    _fail("eval.estimator", opts["estimator"], f"one of {', '.join(ESTIMATORS)}")
+  for field in ("num_draws", "ode_num_draws"):
+    try:
+      checks.check_int(field, opts[field], minimum=1)
+    except (TypeError, ValueError):
+      _fail(f"eval.{field}", opts[field], "an int > 0")
+  if opts["dequantization"] not in ("uniform", "truncated_normal"):
+    _fail("eval.dequantization", opts["dequantization"],
+          "'uniform' or 'truncated_normal'")
+  for field in ("ode_rtol", "ode_atol"):
+    value = opts[field]
+    if not (isinstance(value, (int, float)) and 0 < value < 1):
+      _fail(f"eval.{field}", value, "a float in (0, 1), e.g. 1e-5")
 
 
 def _check_net_takes_data(config: ml_collections.ConfigDict) -> None:
@@ -368,12 +406,16 @@ def eval_output(config: ml_collections.ConfigDict, split: str, step: int,
   if params not in ("ema", "raw"):
     raise ValueError(f"params={params!r}: expected 'ema' or 'raw'.")
   cfg = config.training
+  opts = eval_options(config)
   record = {"fingerprint": run_fingerprint(config), "split": split,
-            "step": int(step), "params": params, "estimator": "elbo",
+            "step": int(step), "params": params,
+            "estimator": opts["estimator"],
             "eval_seed": int(cfg.eval_seed),
             "eval_batch_size": int(cfg.eval_batch_size)}
-  name = (f"{split}_{int(step)}_{params}_elbo_seed{cfg.eval_seed}_"
-          f"{_settings_hash(record)}")
+  if opts != EVAL_DEFAULTS:    # today's names for today's default eval
+    record["eval"] = opts
+  name = (f"{split}_{int(step)}_{params}_{opts['estimator']}_seed"
+          f"{cfg.eval_seed}_{_settings_hash(record)}")
   return name, record
 
 

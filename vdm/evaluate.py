@@ -75,6 +75,48 @@ def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
   return result
 
 
+def evaluate_split_ode(ode_step, params, ds, *, split: str, batch_size: int,
+                       mesh, num_dims: int) -> dict:
+  """bpd by the probability-flow ODE over every example of `split`.
+
+  Args:
+    ode_step: jitted (params, global_batch, batch_index) -> {'ode_total',
+      'ode_total_sq', 'count', 'nfe'} (see `train.ode_eval_step`).
+    Others: as `evaluate_split`.
+  Returns:
+    {'bpd_ode': the mean over the split of each example's importance-
+    weighted bound, in bits/dim; 'bpd_ode_se': the standard error of that
+    mean over the split's examples (their spread holds the data's variation
+    as well as the dequantisation and Hutchinson noise, so it bounds the
+    Monte Carlo error from above); 'nfe': network evaluations per batch
+    (mean over batches, all draws); 'num_examples', 'split'}.
+  """
+  totals, nfes = None, []
+  batches = ds.eval_batches(split, batch_size=batch_size,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+  for index, local in enumerate(batches):
+    batch = parallel.shard_batch(mesh, local)
+    sums = ode_step(params, batch, jnp.asarray(index, jnp.int32))
+    nfes.append(sums.pop("nfe"))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError(f"split {split!r} of {ds.name!r} is empty.")
+  totals, nfes = jax.device_get((totals, nfes))
+  count = int(round(float(totals["count"])))
+  if count != ds.num_examples(split):
+    raise RuntimeError(f"evaluated {count} examples of {split!r} but the "
+                       f"split has {ds.num_examples(split)}: the eval "
+                       "iterator is broken.")
+  mean = float(totals["ode_total"]) / count
+  var = max(float(totals["ode_total_sq"]) / count - mean ** 2, 0.0)
+  to_bpd = 1.0 / (num_dims * math.log(2.0))
+  return {"bpd_ode": mean * to_bpd,
+          "bpd_ode_se": (math.sqrt(var * count / (count - 1) / count) * to_bpd
+                         if count > 1 else None),
+          "nfe": float(np.mean(nfes)), "num_examples": count, "split": split}
+
+
 def _standard_error(draws: np.ndarray) -> float | None:
   return (float(draws.std(ddof=1) / math.sqrt(draws.size))
           if draws.size > 1 else None)

@@ -120,8 +120,14 @@ def print_summary(ds, config, result: dict, workdir: str):
         "bits per dim (lower is better):")
   for name, bpd in rows:
     print(f"  {name:<64s} {bpd:7.4f}")
-  print(f"  VDM terms: recon {result['bpd_recon']:.4f}  prior "
-        f"{result['bpd_prior']:.4f}  diffusion {result['bpd_diff']:.4f}")
+  if "bpd_recon" in result:     # the ELBO's terms (not with estimator 'ode')
+    print(f"  VDM terms: recon {result['bpd_recon']:.4f}  prior "
+          f"{result['bpd_prior']:.4f}  diffusion {result['bpd_diff']:.4f}")
+  if "bpd_ode" in result:
+    print(f"  VDM by the probability-flow ODE ({result['dequantization']} "
+          f"dequantisation): {result['bpd_ode']:.4f} +- "
+          f"{result['bpd_ode_se'] or 0:.4f}, {result['nfe']:.0f} network "
+          "evaluations per batch")
   print(f"outputs in {workdir}: eval/*.json, samples/*.png, plots/*.png, "
         "TensorBoard events")
 
