@@ -4,6 +4,8 @@ validation rejects every bad model option before the dataset is opened."""
 import glob
 import importlib
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -283,3 +285,16 @@ def test_outputs_are_named_by_what_produced_them():
   for overrides in ({"sampling.seed": 1}, {"sampling.clip_x": False},
                     {"model.parameterization": "v"}):
     assert config_lib.sample_output(tiny_config(overrides), 6) != stem
+
+
+def test_validate_leaves_the_jax_backend_uninitialised():
+  # A multi-process run validates its config before joining jax.distributed,
+  # which refuses to start once a backend exists.
+  code = ("import sys; sys.path.insert(0, 'tests'); import tiny_config; "
+          "from jax._src import xla_bridge; from vdm import config_lib, "
+          "config_files; config_lib.validate(tiny_config.get_config()); "
+          "config_lib.validate(config_files.get_config('configs/cifar10.py')); "
+          "print(bool(xla_bridge._backends))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True, cwd=REPO)
+  assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -115,8 +115,10 @@ def test_reexec_with_allocator_reuses_xla_buffers():
 @pytest.mark.skipif(runtime.find_allocator("tcmalloc") is None,
                     reason="tcmalloc not installed")
 def test_reexec_with_tcmalloc_when_asked():
+  # tcmalloc may grow its page heap once during the ten calls (seen: exactly
+  # 8192 faults, one 32 MB output's pages); glibc faults in all ten.
   name, faults, value = _probe_allocator(VDM_ALLOCATOR="tcmalloc")
-  assert (name, value) == ("tcmalloc", 1.0) and faults < 8192
+  assert (name, value) == ("tcmalloc", 1.0) and faults < 2 * 8192
 
 
 def test_allocator_environment(monkeypatch):

@@ -182,9 +182,14 @@ def test_batch_not_divisible_by_device_count_is_a_clear_error(field, size,
 # or opens for writing under the workdir, into AUDIT_DIR/<i>.json at exit.
 _CLI_DRIVER = r"""
 import atexit, json, os, runpy, sys
-coordinator = os.environ.pop("VDM_COORDINATOR")
-num_processes = os.environ.pop("VDM_NUM_PROCESSES")
-process_id = os.environ.pop("VDM_PROCESS_ID")
+# Moved out of VDM_* (vdm.main must get them from its flags) into names that
+# survive vdm.main's re-exec with the fast allocator preloaded.
+for name in ("COORDINATOR", "NUM_PROCESSES", "PROCESS_ID"):
+  if "VDM_" + name in os.environ:
+    os.environ["DRIVER_" + name] = os.environ.pop("VDM_" + name)
+coordinator = os.environ["DRIVER_COORDINATOR"]
+num_processes = os.environ["DRIVER_NUM_PROCESSES"]
+process_id = os.environ["DRIVER_PROCESS_ID"]
 workdir = os.path.realpath(os.environ["SCALEOUT_WORKDIR"])
 written = set()
 

@@ -193,8 +193,14 @@ def test_sample_cli_writes_png_of_expected_size(reference_run):
   stem = config_lib.sample_output(tiny_config(sampling__num_samples=9), 6)
   image = matplotlib.image.imread(os.path.join(workdir, "samples",
                                                f"{stem}.png"))
-  # 9 samples of 8x8 -> a 3x3 grid with 1-pixel gaps: 3 * 9 - 1 = 26 pixels.
-  assert image.shape[:2] == (26, 26)
+  # 9 samples of 8x8 -> a 3x3 grid with 1-pixel gaps: 3 * 9 - 1 = 26 pixels,
+  # enlarged by the smallest integer factor reaching 256 px: 10 -> 260.
+  assert image.shape[:2] == (260, 260)
+  # Gray data is saved as gray: each 10x10 block holds one value.
+  blocks = image[..., 0] if image.ndim == 3 else image
+  assert image.ndim == 2 or image.shape[2] in (1, 2)
+  np.testing.assert_array_equal(blocks, np.repeat(np.repeat(
+      blocks[::10, ::10], 10, axis=0), 10, axis=1))
   assert np.load(os.path.join(workdir, "samples", f"{stem}.npz"))[
       "samples"].shape == (9, 8, 8, 1)
 

@@ -230,7 +230,9 @@ def _check_net_takes_data(config: ml_collections.ConfigDict) -> None:
   if shape is None:
     return
   try:
-    net = nets.get(config.model.net, num_classes=0,
+    # Any backend will do for the shape rules; naming one keeps jax's backend
+    # uninitialised (a multi-process run must join jax.distributed first).
+    net = nets.get(config.model.net, num_classes=0, backend="cpu",
                    **dict(config.model.net_kwargs))
   except TypeError:
     return      # kwargs of another net: the model build names them
