@@ -213,8 +213,8 @@ def compile_timed(jitted, *args) -> tuple[Any, Any, float]:
 
 @dataclasses.dataclass
 class TrainSetup:
-  """This library's train step at a preset, as `vdm.train.Trainer` builds
-  it (same factory, shardings and key), on random 32x32x3 batches."""
+  """This library's train step at a preset, as `vdm.training_loop.Trainer`
+  builds it (same factory, shardings and key), on random 32x32x3 batches."""
   model: Any
   mesh: Any
   step: Any                    # train.make_train_step(...)

@@ -49,11 +49,11 @@ def _demo_setup():
   sys.path.insert(0, _bench.REPO)
   # pylint: disable=g-import-not-at-top
   from vdm import config_files
-  from vdm import train
+  from vdm import training_loop
   # pylint: enable=g-import-not-at-top
   config = config_files.get_config(
       os.path.join(_bench.REPO, "configs", "mnist5k.py"))
-  trainer = train.Trainer(config)
+  trainer = training_loop.Trainer(config)
   return trainer.train_step, trainer.init_state(), trainer.global_batch(0)
 
 

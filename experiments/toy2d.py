@@ -36,7 +36,7 @@ from vdm import config_files  # pylint: disable=wrong-import-position
 from vdm import elbo  # pylint: disable=wrong-import-position
 from vdm import process  # pylint: disable=wrong-import-position
 from vdm import sampling  # pylint: disable=wrong-import-position
-from vdm import train  # pylint: disable=wrong-import-position
+from vdm import training_loop  # pylint: disable=wrong-import-position
 
 toy2d = config_files.load_module(os.path.join(REPO, "configs", "toy2d.py"))
 
@@ -59,11 +59,11 @@ def main():
   config = toy2d.get_config()
   if args.num_steps:
     config.training.num_steps = args.num_steps
-  result = train.train_and_evaluate(config, args.workdir)
+  result = training_loop.train_and_evaluate(config, args.workdir)
   if result:
     print(f"toy2d test bpd: {result['bpd']:.4f}")
-  trainer = train.Trainer(config)
-  state, _ = train.restore_for_inference(trainer, args.workdir)
+  trainer = training_loop.Trainer(config)
+  state, _ = training_loop.restore_for_inference(trainer, args.workdir)
   params = jax.device_get(state.ema_params)
   model = trainer.model
   gamma_fn = model.gamma_fn(params)

@@ -82,7 +82,7 @@ from vdm import generation  # pylint: disable=wrong-import-position
 from vdm import input_pipeline  # pylint: disable=wrong-import-position
 from vdm import reporting  # pylint: disable=wrong-import-position
 from vdm import schedules  # pylint: disable=wrong-import-position
-from vdm import train  # pylint: disable=wrong-import-position
+from vdm import training_loop  # pylint: disable=wrong-import-position
 from vdm import weighting  # pylint: disable=wrong-import-position
 
 mnist5k_weighting = config_files.load_module(
@@ -179,7 +179,7 @@ def train_run(config, workdir: str, adaptive: bool) -> float:
   steps = config.training.num_steps
   if not adaptive:
     if not trained_to(workdir, steps):
-      train.train_and_evaluate(config, workdir)
+      training_loop.train_and_evaluate(config, workdir)
     return time.time() - start
   trainer = None
   os.makedirs(os.path.join(workdir, "adaptive"), exist_ok=True)
@@ -190,9 +190,9 @@ def train_run(config, workdir: str, adaptive: bool) -> float:
     segment = ml_collections.ConfigDict(config.to_dict())
     segment.training.num_steps = end
     if not trained_to(workdir, end):
-      train.train_and_evaluate(segment, workdir)
-    trainer = trainer or train.Trainer(config)
-    state, step = train.restore_for_inference(trainer, workdir)
+      training_loop.train_and_evaluate(segment, workdir)
+    trainer = trainer or training_loop.Trainer(config)
+    state, step = training_loop.restore_for_inference(trainer, workdir)
     state = jax.device_get(state)
     if step != end:
       raise RuntimeError(f"{workdir}: expected a checkpoint at step {end}, "
@@ -205,8 +205,8 @@ def finish_run(name: str, config, workdir: str, args, extractor,
                test_images: np.ndarray, train_seconds: float,
                run_start: float) -> dict:
   """Eval JSON, samples, Frechet distance, loss-vs-lambda -> result.json."""
-  trainer = train.Trainer(config)
-  state, step = train.restore_for_inference(trainer, workdir)
+  trainer = training_loop.Trainer(config)
+  state, step = training_loop.restore_for_inference(trainer, workdir)
   state = jax.device_get(state)
   eval_path = os.path.join(workdir, "eval", f"test_{step}.json")
   with open(eval_path) as f:

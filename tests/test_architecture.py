@@ -34,7 +34,8 @@ LAYERS = {
     "vdm.checkpointing": 3, "vdm.train": 3, "vdm.evaluate": 3,
     "vdm.reporting": 3, "vdm.generation": 3, "vdm.frechet": 3,
     "vdm.official": 3, "vdm.runs": 3, "vdm.config_files": 3,
-    "vdm.stored_config": 3,
+    "vdm.stored_config": 3, "vdm.checksums": 3, "vdm.workdir_lock": 3,
+    "vdm.preemption": 3, "vdm.training_loop": 3,
     # 4: entry points.
     "vdm.main": 4,
 }

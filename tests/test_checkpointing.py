@@ -1,4 +1,5 @@
-"""Tests for vdm/checkpointing.py: round trip, retention, damage, preemption.
+"""Tests for vdm/checkpointing.py (round trip, retention, damage), checksums.py,
+workdir_lock.py and preemption.py.
 
 The state is a stand-in for train.TrainState: a flax struct with a step,
 params, an optax Adam state, an extra NamedTuple (like the adaptive schedule
@@ -26,6 +27,8 @@ from flax import struct
 
 from vdm import checkpointing
 from vdm import parallel
+from vdm import preemption
+from vdm import workdir_lock
 import multiprocess_util
 
 
@@ -290,7 +293,7 @@ def test_preemption_guard_sets_flag_and_restores_handlers():
   old_term = signal.signal(signal.SIGTERM, sentinel)
   old_int = signal.signal(signal.SIGINT, sentinel)
   try:
-    with checkpointing.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
       assert signal.getsignal(signal.SIGTERM) is not sentinel
       assert not guard.requested and not guard.should_stop(0)
       os.kill(os.getpid(), signal.SIGTERM)
@@ -300,7 +303,7 @@ def test_preemption_guard_sets_flag_and_restores_handlers():
     assert signal.getsignal(signal.SIGTERM) is sentinel
     assert signal.getsignal(signal.SIGINT) is sentinel
     # A second signal gets the previous behaviour (here: the sentinel).
-    with checkpointing.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
       os.kill(os.getpid(), signal.SIGINT)
       assert _wait_for(lambda: guard.requested)
       assert guard.signal == signal.SIGINT
@@ -314,13 +317,13 @@ def test_preemption_guard_sets_flag_and_restores_handlers():
 
 PREEMPTION_WORKER = r"""
 import os, signal, time
-from vdm import checkpointing, parallel
+from vdm import parallel, preemption
 parallel.initialize_distributed()
 import jax
 process = jax.process_index()
 
 def stop_step(signum, sync_every):
-  with checkpointing.PreemptionGuard(sync_every=sync_every) as guard:
+  with preemption.PreemptionGuard(sync_every=sync_every) as guard:
     for step in range(1, 1000):
       if process == 1 and step == 5:
         os.kill(os.getpid(), signum)   # only process 1 is told
@@ -358,36 +361,36 @@ def test_preemption_stops_all_processes_at_the_same_step():
 def test_workdir_lock_refuses_a_second_holder_and_dies_with_its_process(
     tmp_path):
   workdir = str(tmp_path / "run")
-  with checkpointing.WorkdirLock(workdir) as lock:
+  with workdir_lock.WorkdirLock(workdir) as lock:
     with open(lock.path) as f:
       assert f"{os.getpid()}" in f.read()
     # A second holder (here: another open file description) is refused at
     # once, naming the holder.
-    with pytest.raises(checkpointing.WorkdirInUseError,
+    with pytest.raises(workdir_lock.WorkdirInUseError,
                        match=rf"workdir {workdir} is in use by a training "
                        rf"run: host {socket.gethostname()}, pid "
                        rf"{os.getpid()}.*another --workdir"):
-      checkpointing.WorkdirLock(workdir).acquire()
-    checkpointing.WorkdirLock(workdir, enabled=False).acquire()  # process>0
-  with checkpointing.WorkdirLock(workdir):       # released on exit
+      workdir_lock.WorkdirLock(workdir).acquire()
+    workdir_lock.WorkdirLock(workdir, enabled=False).acquire()  # process>0
+  with workdir_lock.WorkdirLock(workdir):       # released on exit
     pass
   # kill -9 of the holder leaves no stale lock: the kernel releases it.
   holder = subprocess.Popen(
       [sys.executable, "-c", textwrap.dedent(f"""
           import sys, time
-          from vdm import checkpointing
-          checkpointing.WorkdirLock({workdir!r}).acquire()
+          from vdm import workdir_lock
+          workdir_lock.WorkdirLock({workdir!r}).acquire()
           print("locked", flush=True)
           time.sleep(600)""")], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(checkpointing.WorkdirInUseError,
+    with pytest.raises(workdir_lock.WorkdirInUseError,
                        match=rf"pid {holder.pid}"):
-      checkpointing.WorkdirLock(workdir).acquire()
+      workdir_lock.WorkdirLock(workdir).acquire()
   finally:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-  with checkpointing.WorkdirLock(workdir):
+  with workdir_lock.WorkdirLock(workdir):
     pass
 
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from vdm import checkpointing
 from vdm import config_lib
 from vdm import main as main_lib
+from vdm import workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "tiny_config.py")
@@ -85,7 +85,7 @@ def test_mistakes_are_one_line_and_write_nothing(run, tmp_path):
   before = open(config_json).read()
   cases = refused_cases(run, missing)
   # This process holds the workdir like a training run would.
-  with checkpointing.WorkdirLock(run):
+  with workdir_lock.WorkdirLock(run):
     procs = [(name, vdm(*args), text) for name, args, text in cases]
     results = [(name, finish(proc), text) for name, proc, text in procs]
   for name, (code, out, err), text in results:

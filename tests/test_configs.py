@@ -19,7 +19,7 @@ from vdm import model as model_lib
 from vdm import model_options
 from vdm import nets
 from vdm import sampling
-from vdm import train
+from vdm import training_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
@@ -121,7 +121,7 @@ def test_bad_model_options_fail_before_the_dataset_is_opened(monkeypatch):
 
   monkeypatch.setattr(input_pipeline, "create", no_data)
   with pytest.raises(ValueError, match="trained by the ELBO"):
-    train.Trainer(tiny_config({"model.weighting": "sigmoid"}))
+    training_loop.Trainer(tiny_config({"model.weighting": "sigmoid"}))
 
 
 # ==========================================================================

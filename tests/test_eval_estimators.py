@@ -1,5 +1,5 @@
 """config.eval: the ELBO with K draws, the probability-flow ODE, or both,
-over the whole split (train.Trainer.evaluate)."""
+over the whole split (training_loop.Trainer.evaluate)."""
 import math
 
 import jax
@@ -8,7 +8,7 @@ import pytest
 
 from vdm import config_files
 from vdm import config_lib
-from vdm import train
+from vdm import training_loop
 
 
 def _toy_config(**eval_fields):
@@ -23,7 +23,7 @@ def _toy_config(**eval_fields):
 
 
 def test_ode_bpd_of_a_briefly_trained_toy_model_is_finite_with_nfe():
-  trainer = train.Trainer(_toy_config(estimator="both", num_draws=2,
+  trainer = training_loop.Trainer(_toy_config(estimator="both", num_draws=2,
                                       ode_rtol=1e-3, ode_atol=1e-3))
   state = trainer.init_state()
   for step in range(trainer.config.training.num_steps):

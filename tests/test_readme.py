@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from vdm import train
+from vdm import training_loop
 import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ BLOCKS = re.findall(r"^```python\n(.*?)^```", README, re.S | re.M)
 def demo_root(tmp_path_factory):
   """A directory holding runs/demo, a tiny trained run."""
   root = tmp_path_factory.mktemp("readme")
-  train.train_and_evaluate(tiny_config.get_config(),
+  training_loop.train_and_evaluate(tiny_config.get_config(),
                            str(root / "runs" / "demo"),
                            config_path="tests/tiny_config.py")
   return root

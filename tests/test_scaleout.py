@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from vdm import checkpointing
-from vdm import train
+from vdm import training_loop
 import multiprocess_util
 import tiny_config as tiny_config_lib
 
@@ -73,9 +73,10 @@ def assert_trees_close(got, want, *, what: str):
 
 
 def run_trainer(num_devices: int, fsdp: bool) -> dict:
-  """NUM_STEPS steps of train.Trainer, then the eval over the test split."""
-  trainer = train.Trainer(scaleout_config(training__num_devices=num_devices,
-                                          training__fsdp=fsdp))
+  """NUM_STEPS steps of training_loop.Trainer, then the eval over the test
+  split."""
+  trainer = training_loop.Trainer(scaleout_config(
+      training__num_devices=num_devices, training__fsdp=fsdp))
   state = trainer.init_state()
   initial = flat(state.params)
   metrics, first_batch = [], None
@@ -169,7 +170,7 @@ def test_batch_not_divisible_by_device_count_is_a_clear_error(field, size,
   config = scaleout_config(training__num_devices=8)
   config.training[field] = size
   with pytest.raises(ValueError, match=match):
-    train.Trainer(config)
+    training_loop.Trainer(config)
 
 
 # ------------------------------------------------------- two processes on CPU

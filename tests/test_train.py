@@ -19,6 +19,7 @@ from vdm import checkpointing
 from vdm import config_lib
 from vdm import runtime
 from vdm import train
+from vdm import training_loop
 import tiny_config as tiny_config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 def final_params(workdir):
   """Params of the newest checkpoint in WORKDIR as numpy."""
-  trainer = train.Trainer(tiny_config())
+  trainer = training_loop.Trainer(tiny_config())
   ckpt = checkpointing.Manager(os.path.join(workdir, "checkpoints"),
                                async_save=False)
   state, _, step = ckpt.restore_latest(trainer.init_state())
@@ -47,7 +48,7 @@ def final_params(workdir):
 def reference_run(tmp_path_factory):
   """An uninterrupted 6-step run (final eval on, samples and plots on)."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  result = train.train_and_evaluate(tiny_config(), workdir)
+  result = training_loop.train_and_evaluate(tiny_config(), workdir)
   return workdir, result
 
 
@@ -76,7 +77,7 @@ def test_run_writes_eval_json_samples_plots_and_events(reference_run):
 
 def test_eval_is_deterministic_to_the_bit(reference_run):
   workdir, result = reference_run
-  trainer = train.Trainer(tiny_config())
+  trainer = training_loop.Trainer(tiny_config())
   ckpt = checkpointing.Manager(os.path.join(workdir, "checkpoints"),
                                async_save=False)
   state, _, _ = ckpt.restore_latest(trainer.init_state())
@@ -89,7 +90,7 @@ def test_eval_is_deterministic_to_the_bit(reference_run):
 _KILL_DRIVER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
-    from vdm import checkpointing, train
+    from vdm import checkpointing, training_loop
     import tiny_config
     original = checkpointing.Manager.save
     def save_then_die(self, step, *args, **kwargs):
@@ -98,7 +99,7 @@ _KILL_DRIVER = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
       return out
     checkpointing.Manager.save = save_then_die
-    train.train_and_evaluate(tiny_config.get_config(), {workdir!r})
+    training_loop.train_and_evaluate(tiny_config.get_config(), {workdir!r})
 """)
 
 
@@ -112,7 +113,7 @@ def test_resume_after_kill_9_is_bit_identical(reference_run, tmp_path):
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   steps = os.listdir(os.path.join(workdir, "checkpoints"))
   assert any(s.startswith("2") for s in steps), steps
-  train.train_and_evaluate(tiny_config(), workdir)   # resumes, finishes
+  training_loop.train_and_evaluate(tiny_config(), workdir)   # resumes, finishes
   step_a, params_a, ema_a = final_params(reference_dir)
   step_b, params_b, ema_b = final_params(workdir)
   assert step_a == step_b == 6
@@ -127,12 +128,12 @@ def test_non_finite_loss_stops_and_saves_nothing_bad(tmp_path):
                        training__num_steps=40, training__log_every=1,
                        training__checkpoint_every=1)
   with pytest.raises(RuntimeError, match=r"non-finite .* between steps"):
-    train.train_and_evaluate(config, str(tmp_path))
+    training_loop.train_and_evaluate(config, str(tmp_path))
   ckpt_dir = tmp_path / "checkpoints"
   # The error left after every async save in flight was complete on disk.
   assert not [s for s in os.listdir(ckpt_dir) if "tmp" in s]
   saved = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-  trainer = train.Trainer(config)
+  trainer = training_loop.Trainer(config)
   ckpt = checkpointing.Manager(str(ckpt_dir), async_save=False)
   restored = ckpt.restore_latest(trainer.init_state())
   ckpt.close()
@@ -148,7 +149,7 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(reference_run):
   config = tiny_config(training__num_steps=8)
   config.model.net_kwargs.hidden = 48
   with pytest.raises(ValueError, match="different"):
-    train.train_and_evaluate(config, workdir)
+    training_loop.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -171,15 +172,15 @@ def test_bad_config_is_rejected_before_compiling(field, value, match):
 
 def test_unknown_weighting_and_schedule_names_are_rejected():
   with pytest.raises(ValueError, match="unknown weighting"):
-    train.Trainer(tiny_config(model__weighting="l2"))
+    training_loop.Trainer(tiny_config(model__weighting="l2"))
   with pytest.raises(ValueError, match="unknown schedule"):
-    train.Trainer(tiny_config(model__schedule="quadratic"))
+    training_loop.Trainer(tiny_config(model__schedule="quadratic"))
 
 
 def test_batch_not_divisible_by_devices_is_rejected():
   config = tiny_config(training__batch_size=6, training__num_devices=4)
   with pytest.raises(ValueError, match="divisible"):
-    train.Trainer(config)
+    training_loop.Trainer(config)
 
 
 def test_sample_cli_writes_png_of_expected_size(reference_run):
@@ -213,7 +214,7 @@ def test_bad_compute_dtype_names_the_field():
 
 
 def test_weight_decay_skips_biases_and_the_schedule():
-  trainer = train.Trainer(tiny_config())
+  trainer = training_loop.Trainer(tiny_config())
   params = trainer.abstract_state.params
   mask = train.weight_decay_mask(params)
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
@@ -229,7 +230,7 @@ def test_step_factory_uses_the_documented_key():
   # the same shardings gives the same state and metrics to the bit, and
   # another key (e.g. key(1), which the benchmarks once used) does not.
   config = tiny_config()
-  trainer = train.Trainer(config)
+  trainer = training_loop.Trainer(config)
   batch = trainer.global_batch(0)
   repl = jax.sharding.NamedSharding(trainer.mesh,
                                     jax.sharding.PartitionSpec())
@@ -311,7 +312,7 @@ def test_accumulating_step_advances_counters_once_and_resumes_exactly():
   # Batch 8 as 4 micro-batches of 2: one optimizer step, one EMA update and
   # step + 1 per batch; and a resumed run (state through the host, as a
   # checkpoint restore) takes the next step to the bit.
-  trainer = train.Trainer(tiny_config(training__grad_accum_steps=4))
+  trainer = training_loop.Trainer(tiny_config(training__grad_accum_steps=4))
   init = trainer.init_state()
   ema_0 = jax.device_get(init.ema_params)
   state_1, metrics = trainer.train_step(init, trainer.global_batch(0))

@@ -30,6 +30,7 @@ from vdm import model as model_lib
 from vdm import nets
 from vdm import schedules
 from vdm import train
+from vdm import training_loop
 from vdm import weighting
 import tiny_config as tiny_config_lib
 
@@ -337,7 +338,7 @@ def adaptive_config(**overrides) -> ml_collections.ConfigDict:
 
 def test_train_step_updates_histogram_exactly_where_logsnr_fell():
   config = adaptive_config()
-  trainer = train.Trainer(config)
+  trainer = training_loop.Trainer(config)
   model = trainer.model
   base_key = jax.random.key(7)
   decay = config.model.adaptive_decay
@@ -388,12 +389,13 @@ def _restore(trainer, workdir):
 @pytest.mark.slow
 def test_adaptive_state_resumes_bit_identically(tmp_path):
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
-  result_full = train.train_and_evaluate(
+  result_full = training_loop.train_and_evaluate(
       adaptive_config(training__num_steps=4), full)
-  train.train_and_evaluate(adaptive_config(training__num_steps=2), split)
-  trainer = train.Trainer(adaptive_config())
+  training_loop.train_and_evaluate(adaptive_config(training__num_steps=2),
+                                   split)
+  trainer = training_loop.Trainer(adaptive_config())
   step_half, half = _restore(trainer, split)
-  result_split = train.train_and_evaluate(
+  result_split = training_loop.train_and_evaluate(
       adaptive_config(training__num_steps=4), split)   # resumes at 2
   step_a, state_a = _restore(trainer, full)
   step_b, state_b = _restore(trainer, split)

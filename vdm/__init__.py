@@ -6,7 +6,7 @@
   x = run.sample(16, seed=0)             # [16, ...] integer samples
 
 The math (`vdm.elbo`, `vdm.schedules`, `vdm.weighting`, `vdm.sampling`, ...)
-and the system (`vdm.train`, `vdm.evaluate`, `vdm.input_pipeline`, ...) are
+and the system (`vdm.train`, `vdm.training_loop`, `vdm.evaluate`, ...) are
 submodules, imported on first use so that `import vdm` stays cheap (no jax,
 TensorFlow or Orbax until something needs them).
 """
@@ -19,11 +19,12 @@ __version__ = "0.1.0"
 
 # Submodules reachable as attributes of `vdm` (imported on first access).
 _SUBMODULES = (
-    "adaptive", "checkpointing", "checks", "config_files", "config_lib",
-    "decoder", "elbo", "evaluate", "frechet", "generation", "input_pipeline",
-    "learned_schedules", "likelihood", "main", "model", "model_options",
-    "nets", "parallel", "process", "reporting", "runs", "runtime", "sampling",
-    "schedules", "train", "weighting")
+    "adaptive", "checkpointing", "checks", "checksums", "config_files",
+    "config_lib", "decoder", "elbo", "evaluate", "frechet", "generation",
+    "input_pipeline", "learned_schedules", "likelihood", "main", "model",
+    "model_options", "nets", "parallel", "preemption", "process",
+    "reporting", "runs", "runtime", "sampling", "schedules", "train",
+    "training_loop", "weighting", "workdir_lock")
 # Names re-exported from a submodule: name -> module.
 _EXPORTS = {"load_run": "runs", "Run": "runs"}
 

@@ -1,4 +1,7 @@
-"""Checkpoints: one writer per workdir, verified steps, resume, preemption.
+"""Checkpoints: the Orbax manager, verified steps, resume, read-only readers.
+
+Apart from it: the workdir lock (`workdir_lock.py`), the checksums of a
+step (`checksums.py`) and the stop-signal guard (`preemption.py`).
 
 Layout: `WORKDIR/checkpoints/<step>/` holds two Orbax items, `state` (the
 whole train state pytree: params, optimizer state, EMA, adaptive-schedule
@@ -6,11 +9,11 @@ state, step) and `metadata` (JSON: data iterator position, config hash,
 architecture, ...), Orbax's `metrics` (JSON, drives keep-best) and
 `checksums.json` (the SHA-256 of every file above).
 
-One writer: training holds `WorkdirLock(workdir)` (an OS file lock on
-`WORKDIR/.lock`, released by the kernel when the process dies, so kill -9
-leaves no stale lock) and opens the one writing `Manager`. Eval and sampling
-open `Manager(..., read_only=True)`, which never creates, deletes, moves or
-writes anything, so they may run while training runs.
+One writer: training holds `workdir_lock.WorkdirLock(workdir)` (an OS file
+lock on `WORKDIR/.lock`, released by the kernel when the process dies, so
+kill -9 leaves no stale lock) and opens the one writing `Manager`. Eval and
+sampling open `Manager(..., read_only=True)`, which never creates, deletes,
+moves or writes anything, so they may run while training runs.
 
 Atomicity: Orbax writes a step into `<step>.orbax-checkpoint-tmp*/` and
 renames it to `<step>/` only once every process has finished writing (on
@@ -33,7 +36,7 @@ Multi-process runs: every process must create the `Manager` and call
 `save`, `restore_latest`, `wait_until_finished` and `close` at the same
 points. Orbax coordinates them (barriers through `jax.distributed`): each
 process writes the shards it holds and process 0 finalises the step (and
-writes `checksums.json`). Only process 0 takes the `WorkdirLock`.
+writes `checksums.json`). Only process 0 takes the workdir lock.
 
 Async saves: `save` returns once the state has been copied to host memory;
 the files are written in a background thread. Donating the state to the next
@@ -42,20 +45,11 @@ permissions) is raised as `CheckpointSaveError` by the next `save`,
 `wait_until_finished` or `close`, whichever comes first.
 """
 
-import hashlib
 import json
 import math
 import os
-import signal
-import socket
-import threading
 import time
 from typing import Any, Mapping, Optional, Sequence
-
-try:
-  import fcntl
-except ImportError:           # not POSIX: no OS file lock (see WorkdirLock)
-  fcntl = None
 
 from absl import logging
 from etils import epath
@@ -66,29 +60,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vdm import checks
+from vdm import checksums
 from vdm import parallel
 
 PyTree = Any
 
 _STATE = "state"
-_METADATA = "metadata"
+_METADATA = checksums.METADATA_ITEM   # the step's JSON metadata
 _METRICS = "metrics"             # Orbax's item name for the metrics JSON
 _MAX_LISTED = 5          # mismatching paths listed in the error message
 _TMP_MARK = ".orbax-checkpoint-tmp"
-_CHECKSUMS = "checksums.json"
-# Written into the step's metadata JSON (and stripped on restore): the step
-# was saved with a checksums.json, so one missing from it is damage.
-_CHECKSUMMED_KEY = "_vdm_checksums"
-# Orbax writes these after checksums.json (the commit timestamp, the commit
-# marker), so they cannot be covered; neither holds data we restore.
-_UNHASHED_TOP = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt",
-                           _CHECKSUMS})
-_HASH_CHUNK = 4 << 20
-_LOCK_FILE = ".lock"
-
-
-class WorkdirInUseError(RuntimeError):
-  """Another process holds the workdir's lock (a training run)."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -97,88 +78,6 @@ class CheckpointSaveError(RuntimeError):
 
 class NonFiniteStateError(RuntimeError):
   """The state to save holds a NaN or inf (training diverged)."""
-
-
-class WorkdirLock:
-  """An exclusive OS lock on a workdir: one training run per workdir.
-
-  Takes `flock(LOCK_EX | LOCK_NB)` on `WORKDIR/.lock` and writes the holder's
-  host and pid into it. The kernel releases the lock when the process exits,
-  however it exits (kill -9 included), so a stale lock cannot happen; the
-  file itself stays and is harmless. A second holder is refused at once with
-  `WorkdirInUseError` naming the holder.
-
-    with checkpointing.WorkdirLock(workdir, enabled=parallel.is_main_process()):
-      ...train...
-
-  Multi-process runs: only process 0 takes it (pass `enabled=False`
-  elsewhere); the processes of one run share the workdir by design.
-  Workdirs on object stores (`gs://...`) cannot be locked: a warning is
-  logged and nothing is locked. On NFS, Linux maps `flock` to an NFS byte
-  range lock, which works across hosts when the server supports locking.
-  """
-
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
-    self._workdir = os.fspath(workdir)
-    self._enabled = enabled
-    self._fd = None
-
-  @property
-  def path(self) -> str:
-    return os.path.join(self._workdir, _LOCK_FILE)
-
-  def acquire(self) -> None:
-    """Takes the lock, creating the workdir if needed.
-
-    Raises:
-      WorkdirInUseError: another process holds it.
-    """
-    if not self._enabled or self._fd is not None:
-      return
-    if "://" in self._workdir or fcntl is None:
-      logging.warning("cannot lock workdir %s (no OS file locks there); make "
-                      "sure no other training run uses it.", self._workdir)
-      return
-    os.makedirs(self._workdir, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      holder = _read_holder(fd)
-      os.close(fd)
-      raise WorkdirInUseError(
-          f"workdir {self._workdir} is in use by a training run: {holder}. "
-          "Wait for it to finish or stop it (it saves on SIGTERM), or use "
-          "another --workdir; --mode=eval and --mode=sample may run beside "
-          "it.") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"host": socket.gethostname(),
-                             "pid": os.getpid()}).encode() + b"\n")
-    self._fd = fd
-
-  def release(self) -> None:
-    """Releases the lock (idempotent); the file stays."""
-    if self._fd is None:
-      return
-    fd, self._fd = self._fd, None
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-
-  def __enter__(self) -> "WorkdirLock":
-    self.acquire()
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.release()
-
-
-def _read_holder(fd: int) -> str:
-  """'host H, pid P' from a lock file, or why it is not known."""
-  try:
-    holder = json.loads(os.pread(fd, 4096, 0).decode())
-    return f"host {holder['host']}, pid {holder['pid']}"
-  except (OSError, ValueError, KeyError, TypeError):
-    return "host and pid not yet written (it is just starting)"
 
 
 def _path_str(path: Sequence[Any]) -> str:
@@ -234,21 +133,8 @@ def _abstract_target(target_state: PyTree) -> PyTree:
   return jax.tree.map(to_abstract, target_state)
 
 
-def _all_processes_agree(ok: bool) -> bool:
-  """True when `ok` holds in every process (a collective when multi-process)."""
-  if jax.process_count() == 1:
-    return ok
-  flags = multihost_utils.process_allgather(np.asarray(int(ok), np.int32))
-  return bool(np.all(np.asarray(flags)))
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-  """The error in at most `limit` characters: its head and its tail (where
-  tensorstore puts the OS error)."""
-  text = f"{type(error).__name__}: {error}"
-  if len(text) <= limit:
-    return text
-  return text[:limit // 3] + " ... " + text[-(limit - limit // 3):]
+def _read_json(path: epath.Path) -> Any:
+  return json.loads(path.read_text())
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -261,91 +147,6 @@ def _root_cause(error: BaseException) -> BaseException:
     error = error.__cause__ or error.__context__
   return found
 
-
-# Checksums. SHA-256 because hashlib's uses the CPU's SHA instructions: about
-# 1 s per GiB per core here (docs/reliability.md), so verifying a cifar10
-# state of a few hundred MB costs well under a second.
-def _hash_file(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    while chunk := f.read(_HASH_CHUNK):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def _hashed_files(step_dir: epath.Path) -> list[str]:
-  """Paths under `step_dir` that checksums.json covers, sorted."""
-  names, folders = [], [(step_dir, "")]
-  while folders:          # epath has no recursive glob on object stores
-    folder, prefix = folders.pop()
-    for path in folder.iterdir():
-      name = prefix + path.name
-      if path.is_dir():
-        folders.append((path, name + "/"))
-      elif (name not in _UNHASHED_TOP and
-            path.name != "commit_success.txt"):
-        names.append(name)
-  return sorted(names)
-
-
-def _digests(step_dir: epath.Path, names: Sequence[str]) -> dict[str, str]:
-  """{name: sha256} of files under `step_dir`, hashed in parallel threads."""
-  from concurrent import futures  # pylint: disable=g-import-not-at-top
-  workers = max(1, min(8, os.cpu_count() or 1, len(names)))
-  with futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    hashes = pool.map(lambda name: _hash_file(step_dir / name), names)
-    return dict(zip(names, hashes))
-
-
-def write_checksums(step_dir: str | os.PathLike) -> None:
-  """Writes `step_dir/checksums.json`: the SHA-256 of each file in the step."""
-  step_dir = epath.Path(step_dir)
-  files = _digests(step_dir, _hashed_files(step_dir))
-  (step_dir / _CHECKSUMS).write_text(
-      json.dumps({"algorithm": "sha256", "files": files}, indent=1))
-
-
-def _read_json(path: epath.Path) -> Any:
-  return json.loads(path.read_text())
-
-
-def verify_checksums(step_dir: str | os.PathLike) -> Optional[str]:
-  """None if the step's files match its checksums.json, else the problem.
-
-  A step without checksums.json passes (with a warning) only if its metadata
-  says it was saved before checksums were written.
-  """
-  step_dir = epath.Path(step_dir)
-  checksums = step_dir / _CHECKSUMS
-  if not checksums.exists():
-    try:
-      metadata = _read_json(step_dir / _METADATA / _METADATA)
-    except (OSError, ValueError) as e:
-      return f"no {_CHECKSUMS} and unreadable metadata ({_short(e)})"
-    if not isinstance(metadata, dict) or metadata.get(_CHECKSUMMED_KEY):
-      return f"{_CHECKSUMS} is missing"
-    logging.warning("checkpoint %s has no %s (saved by an older version); "
-                    "restoring it unverified.", step_dir, _CHECKSUMS)
-    return None
-  try:
-    expected = _read_json(checksums)["files"]
-    if not isinstance(expected, dict):
-      raise ValueError("'files' is not a mapping")
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return f"{_CHECKSUMS} is unreadable ({_short(e)})"
-  found = _hashed_files(step_dir)
-  missing = sorted(set(expected) - set(found))
-  extra = sorted(set(found) - set(expected))
-  if missing:
-    return f"missing files: {', '.join(missing[:3])}"
-  if extra:
-    return f"files not in {_CHECKSUMS}: {', '.join(extra[:3])}"
-  actual = _digests(step_dir, found)
-  bad = [name for name in found if actual[name] != expected[name]]
-  if bad:
-    return (f"checksum mismatch (damaged bytes) in {len(bad)} files: "
-            f"{', '.join(bad[:3])}")
-  return None
 
 
 # Finiteness: one compiled reduction per leaf, fetched as one small array.
@@ -388,11 +189,12 @@ class Manager:
   `keep_checkpoints_without_metrics`, every such save would be kept forever;
   hence the explicit union of `LatestN` and `BestN` policies here.)
 
-  One writer per directory: the training run, holding `WorkdirLock`. Eval
-  and sampling open it with `read_only=True`: that never creates, deletes,
-  moves or writes anything (no Orbax `CheckpointManager` is built, so none of
-  its clean-ups run), skips unfinished and damaged steps where they lie, and
-  can run while the training writes.
+  One writer per directory: the training run, holding the workdir lock
+  (`workdir_lock.WorkdirLock`). Eval and sampling open it with
+  `read_only=True`: that never creates, deletes, moves or writes anything
+  (no Orbax `CheckpointManager` is built, so none of its clean-ups run),
+  skips unfinished and damaged steps where they lie, and can run while the
+  training writes.
 
   Usage:
 
@@ -550,7 +352,8 @@ class Manager:
     try:
       metrics = _read_json(path)
     except (OSError, ValueError) as e:
-      raise ValueError(f"unreadable metrics file {path}: {_short(e)}") from e
+      raise ValueError(f"unreadable metrics file {path}: "
+                       f"{checksums.short_error(e)}") from e
     if not isinstance(metrics, dict):
       raise ValueError(f"metrics file {path} does not hold a JSON object")
     return metrics
@@ -582,7 +385,7 @@ class Manager:
     tmp = sorted(p for p in root.iterdir()
                  if p.name.startswith(f"{step}{_TMP_MARK}"))
     # Object stores write in place: then the step folder itself.
-    write_checksums(tmp[-1] if tmp else root / str(step))
+    checksums.write_checksums(tmp[-1] if tmp else root / str(step))
 
   def _save_error(self, step: Optional[int],
                   error: BaseException) -> CheckpointSaveError:
@@ -591,8 +394,9 @@ class Manager:
               if kept else "there is no earlier checkpoint")
     return CheckpointSaveError(
         f"saving checkpoint step {step} to {self._directory} failed: "
-        f"{_short(_root_cause(error))}; {intact}. Free disk space or make "
-        "the folder writable, then rerun the same command to resume.")
+        f"{checksums.short_error(_root_cause(error))}; {intact}. Free disk "
+        "space or make the folder writable, then rerun the same command to "
+        "resume.")
 
   def _wait(self) -> None:
     """Waits for the pending save; its failure as a CheckpointSaveError."""
@@ -668,7 +472,7 @@ class Manager:
           f"between steps {(last_good or 0) + 1} and {step}; training stopped "
           f"and this state was NOT saved; {where}. Lower "
           "optimizer.learning_rate or set optimizer.grad_clip.")
-    metadata[_CHECKSUMMED_KEY] = 1
+    metadata[checksums.CHECKSUMMED_KEY] = 1
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                  _METADATA: ocp.args.JsonSave(metadata)})
     self._pending_step = step
@@ -741,14 +545,14 @@ class Manager:
       problem, restored = None, None
       step_dir = self._step_path(step)
       try:
-        problem = verify_checksums(step_dir)
+        problem = checksums.verify_checksums(step_dir)
         if problem is None:
           tree = self._checkpointer.metadata(step_dir).item_metadata[_STATE]
           if tree is None:
             raise ValueError("no readable state metadata")
           found = _flat_shapes(getattr(tree, "tree", tree))
       except Exception as e:  # pylint: disable=broad-except
-        problem = _short(e)
+        problem = checksums.short_error(e)
       if problem is None:
         self._check_same_model(step, expected, found)
         try:
@@ -759,10 +563,10 @@ class Manager:
         except Exception as e:  # pylint: disable=broad-except
           if "RESOURCE_EXHAUSTED" in str(e):
             raise                # out of memory: not the checkpoint's fault
-          problem = _short(e)
-      if _all_processes_agree(problem is None):
+          problem = checksums.short_error(e)
+      if parallel.all_processes_agree(problem is None):
         metadata = dict(restored[_METADATA] or {})
-        metadata.pop(_CHECKSUMMED_KEY, None)
+        metadata.pop(checksums.CHECKSUMMED_KEY, None)
         return restored[_STATE], metadata, step
       problem = problem or "unreadable in another process"
       if self._read_only:
@@ -859,111 +663,3 @@ class Manager:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-
-
-class PreemptionGuard:
-  """Turns SIGTERM / SIGINT into a flag; the loop saves, then exits cleanly.
-
-  Cloud schedulers announce preemption with SIGTERM some seconds before a
-  kill; Ctrl-C sends SIGINT. Inside the `with` block the first such signal
-  only sets `requested`; the loop polls `should_stop(step)` once per step,
-  saves at that step and leaves the loop. A second signal gets the behaviour
-  that was installed before (Ctrl-C twice still interrupts at once). Leaving
-  the block restores the previous handlers.
-
-    with checkpointing.PreemptionGuard() as guard:
-      for step in range(start, num_steps):
-        state, metrics = train_step(state, batch)
-        if guard.should_stop(step + 1):
-          manager.save(step + 1, state, metadata=..., force=True)
-          break
-    manager.wait_until_finished()
-
-  Multi-process runs: all processes must stop at the same step (a save is a
-  collective). With `jax.distributed` initialised and jax's preemption
-  service on (the default), SIGTERM is left to jax's own notifier and
-  `should_stop` asks `multihost_utils.reached_preemption_sync_point(step)`,
-  which turns true at the same step everywhere; enter the guard after
-  `parallel.initialize_distributed()` (a Python handler installed later would
-  shadow jax's). Other signals only set a local flag, which the processes
-  combine (`process_allgather`, a host sync) every `sync_every` steps. So
-  call `should_stop` at every step, from every process.
-  """
-
-  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
-               *, sync_every: int = 100):
-    if sync_every < 1:
-      raise ValueError(f"sync_every must be >= 1; got {sync_every}.")
-    self._signals = tuple(signals)
-    self._sync_every = sync_every
-    self._previous = {}
-    self._requested = False
-    self._signal = None
-
-  @property
-  def requested(self) -> bool:
-    """True once a signal arrived in this process."""
-    return self._requested
-
-  @property
-  def signal(self) -> Optional[int]:
-    """The first signal received, or None."""
-    return self._signal
-
-  @staticmethod
-  def _jax_preemption_service() -> bool:
-    return jax.process_count() > 1 and bool(
-        getattr(jax.config, "jax_enable_preemption_service", False))
-
-  def _handle(self, signum, frame) -> None:
-    if self._requested:          # second signal: the previous behaviour
-      previous = self._previous.get(signum, signal.SIG_DFL)
-      self._restore()
-      if callable(previous):
-        previous(signum, frame)
-      elif previous != signal.SIG_IGN:
-        os.kill(os.getpid(), signum)       # default action (terminate)
-      return
-    self._requested = True
-    self._signal = signum
-    logging.warning("received %s: saving a checkpoint at the next step, "
-                    "then stopping (send it again to stop at once).",
-                    signal.Signals(signum).name)
-
-  def __enter__(self) -> "PreemptionGuard":
-    if threading.current_thread() is not threading.main_thread():
-      logging.warning("PreemptionGuard entered outside the main thread; "
-                      "signal handlers cannot be installed there.")
-      return self
-    skip = {signal.SIGTERM} if self._jax_preemption_service() else set()
-    for signum in self._signals:
-      if signum not in skip:
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def _restore(self) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous if previous is not None
-                    else signal.SIG_DFL)
-    self._previous = {}
-
-  def __exit__(self, *exc_info) -> None:
-    if self._previous:
-      self._restore()
-
-  def should_stop(self, step: int) -> bool:
-    """Whether to save at `step` and stop; the same answer in all processes.
-
-    Args:
-      step: the current training step; call at every step, from every
-        process.
-    """
-    if jax.process_count() == 1:
-      return self._requested
-    stop = False
-    if self._jax_preemption_service():
-      stop = multihost_utils.reached_preemption_sync_point(int(step))
-    if int(step) % self._sync_every == 0:
-      none_requested = _all_processes_agree(not self._requested)
-      stop = stop or not none_requested
-    return bool(stop)

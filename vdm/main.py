@@ -50,7 +50,8 @@ from vdm import generation
 from vdm import input_pipeline
 from vdm import parallel
 from vdm import runtime
-from vdm import train
+from vdm import training_loop
+from vdm import workdir_lock
 
 COMMANDS = ("train", "eval", "sample", "prepare", "info")
 EXIT_USAGE = 2      # a usage or configuration error: nothing was run
@@ -144,9 +145,9 @@ class SignalExit:
   sample) it ends the process with `exit_code_for_signal` through
   `os._exit`, skipping an interpreter shutdown that would first wait for the
   compile. While training steps are unsaved, the training loop's
-  `checkpointing.PreemptionGuard` takes the signal: it saves at the next step
-  and `train.Preempted` carries the signal out; a second stop signal then
-  ends the process at once (the checkpoints on disk stay intact: a save
+  `preemption.PreemptionGuard` takes the signal: it saves at the next step
+  and `training_loop.Preempted` carries the signal out; a second stop signal
+  then ends the process at once (the checkpoints on disk stay intact: a save
   cut short is only a tmp folder).
 
   Single-process runs only: in a multi-process run every process must stop
@@ -327,7 +328,7 @@ def _parse_flags(argv):
 def _usage_errors() -> tuple[type[BaseException], ...]:
   return (ValueError, TypeError, KeyError, FileNotFoundError,
           NotADirectoryError, app.UsageError, flags.Error,
-          checkpointing.WorkdirInUseError)
+          workdir_lock.WorkdirInUseError)
 
 
 def _is_run_failure(error: BaseException) -> bool:
@@ -403,10 +404,10 @@ def _main(argv) -> int:
 
 def _train(config, workdir: str, on_unsaved: Callable[[bool], None]) -> int:
   try:
-    result = train.train_and_evaluate(
+    result = training_loop.train_and_evaluate(
         config, workdir, on_unsaved=on_unsaved,
         config_path=config_flags.get_config_filename(flags.FLAGS["config"]))
-  except train.Preempted as stop:
+  except training_loop.Preempted as stop:
     code = exit_code_for_signal(stop.signum)
     if jax.process_count() == 1:
       # Everything is saved and closed. Skip the interpreter's shutdown: it
@@ -427,8 +428,8 @@ def _train(config, workdir: str, on_unsaved: Callable[[bool], None]) -> int:
 
 
 def _eval_or_sample(config, workdir: str, mode: str) -> int:
-  trainer = train.Trainer(config)
-  state, step = train.restore_for_inference(trainer, workdir)
+  trainer = training_loop.Trainer(config)
+  state, step = training_loop.restore_for_inference(trainer, workdir)
   params = state.ema_params if _PARAMS.value == "ema" else state.params
   if mode == "eval":
     result = trainer.evaluate(params, split=_SPLIT.value)

@@ -383,8 +383,8 @@ def build_state(config: ml_collections.ConfigDict
                 ) -> tuple[model_lib.Model, train.TrainState, Any]:
   """The model, the abstract train state (`jax.ShapeDtypeStruct` leaves,
   nothing allocated or compiled) and the optimizer of an (unconditional)
-  config, as `train.Trainer` builds them, without opening the dataset: the
-  example shape comes from `config_lib.DATASET_SHAPES`."""
+  config, as `training_loop.Trainer` builds them, without opening the
+  dataset: the example shape comes from `config_lib.DATASET_SHAPES`."""
   shape = config_lib.DATASET_SHAPES[config.data.dataset]
   model = model_lib.build(config.model, shape, config.data.vocab_size, 0)
   tx, _ = train.create_optimizer(config.optimizer, config.training.num_steps)

@@ -363,6 +363,14 @@ def shard_batch(mesh: jax.sharding.Mesh, local_batch: PyTree) -> PyTree:
   return jax.tree.map(to_global, local_batch)
 
 
+def all_processes_agree(ok: bool) -> bool:
+  """True when `ok` holds in every process (a collective when multi-process)."""
+  if jax.process_count() == 1:
+    return ok
+  flags = multihost_utils.process_allgather(np.asarray(int(ok), np.int32))
+  return bool(np.all(np.asarray(flags)))
+
+
 def check_config_agreement(config_json: str) -> str:
   """Checks that all processes run with the same configuration.
 
