@@ -241,9 +241,13 @@ class Manager:
     self._closed = False
     # Restores read step folders directly (the writer's and readers' path
     # alike), so a reader needs no CheckpointManager.
+    # The metrics item (Orbax's, for keep-best) is registered too, though
+    # never restored here: an unregistered item on disk makes Orbax warn on
+    # every restore.
     self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(
         **{_STATE: ocp.StandardCheckpointHandler(),
-           _METADATA: ocp.JsonCheckpointHandler()}))
+           _METADATA: ocp.JsonCheckpointHandler(),
+           _METRICS: ocp.JsonCheckpointHandler()}))
     self._manager = None
     if read_only:
       if not epath.Path(directory).exists():
