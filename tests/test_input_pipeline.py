@@ -332,8 +332,12 @@ def test_prefetch_keeps_order_and_raises_producer_errors(mnist):
     next(failing)
 
 
-def test_info_command_prints_baselines(capsys):
-  input_pipeline.main(["info", "digits"])
-  out = capsys.readouterr().out
+def test_prepare_command_prints_facts_and_baselines():
+  # `vdm prepare NAME` (absl flags, like every entry point): for an embedded
+  # dataset it only reads it and prints its facts and baselines.
+  out = subprocess.run(
+      [sys.executable, "-m", "vdm.main", "prepare", "digits"],
+      capture_output=True, text=True, check=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
   assert "train=1438, test=359" in out
   assert "uniform: 4.087 bits/dim" in out

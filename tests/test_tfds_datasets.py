@@ -2,7 +2,7 @@
 
 Offline: the real tfds builders (`cifar10` 3.0.2, `downsampled_imagenet/
 32x32` 2.0.0) prepare tiny datasets through `datasets_tfds.prepare` (the
-code behind `python -m vdm.input_pipeline prepare`); only the download step
+code behind `vdm prepare`); only the download step
 is replaced, by files in the upstream formats (CIFAR binary batches, tars of
 PNGs) written here. The ArrayRecord files, dataset_info.json and version
 folders on disk are then exactly what a real preparation writes, and the
@@ -198,8 +198,7 @@ def test_missing_dataset_message(tmp_path):
   message = str(info.value)
   assert "tfds builder 'cifar10' is not prepared" in message
   assert os.path.join(empty, "cifar10", "3.0.2") in message
-  assert (f"python -m vdm.input_pipeline prepare cifar10 --data_dir={empty}"
-          in message)
+  assert f"vdm prepare cifar10 --data_dir={empty}" in message
   assert "tfds build cifar10 --file_format=array_record" in message
   with pytest.raises(FileNotFoundError,
                      match=r"(?s)put train_64x64.tar and valid_64x64.tar.*"

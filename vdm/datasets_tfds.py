@@ -8,8 +8,7 @@ every batch a pure function of (seed, step) -- see its module docstring.
 
 This module is imported lazily, only when a tfds dataset is requested, so the
 embedded datasets never pay for tfds. `input_pipeline.create` is the public
-entry point; `prepare` (also `python -m vdm.input_pipeline prepare NAME
---data_dir=DIR`) writes a dataset in the format read here.
+entry point; `prepare` (also `vdm prepare NAME --data_dir=DIR`) writes a dataset in the format read here.
 """
 import concurrent.futures
 import dataclasses
@@ -84,7 +83,7 @@ def import_tfds():
 
 
 def prepare_command(name: str, data_dir: str) -> str:
-  return f"python -m vdm.input_pipeline prepare {name} --data_dir={data_dir}"
+  return f"vdm prepare {name} --data_dir={data_dir}"
 
 
 def missing_message(name: str, spec: TfdsSpec, *, data_dir_root: str,

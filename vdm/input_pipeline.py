@@ -34,9 +34,8 @@ Datasets (`create(name)`):
   fashion_mnist  60,000/10,000 from IDX files (Debian dataset-fashion-mnist)
                  or a prepared tfds copy
   cifar10, imagenet32, imagenet64   tfds, prepared once with
-                 `python -m vdm.input_pipeline prepare NAME --data_dir=DIR`
+                 `vdm prepare NAME --data_dir=DIR`
 """
-import argparse
 import itertools
 import math
 import queue
@@ -391,30 +390,3 @@ def prefetch(iterable: Iterable[Any], *, buffer_size: int = 2
     finally:
       stop.set()
   return consume()
-
-
-def main(argv: list[str] | None = None) -> None:
-  """`python -m vdm.input_pipeline prepare|info NAME [--data_dir=DIR]`."""
-  parser = argparse.ArgumentParser(prog="python -m vdm.input_pipeline")
-  parser.add_argument("command", choices=("prepare", "info"))
-  parser.add_argument("name", choices=DATASETS)
-  parser.add_argument("--data_dir", default=None,
-                      help="tfds data_dir (default: tfds' own default)")
-  parser.add_argument("--manual_dir", default=None,
-                      help="manual downloads (default: DATA_DIR/downloads/"
-                           "manual)")
-  args = parser.parse_args(argv)
-  if args.command == "prepare":
-    from vdm import datasets_tfds  # pylint: disable=g-import-not-at-top
-    path = datasets_tfds.prepare(args.name, data_dir=args.data_dir,
-                                 manual_dir=args.manual_dir)
-    print(f"prepared {args.name} in {path}")
-  ds = create(args.name, data_dir=args.data_dir)
-  print(ds)
-  if args.command == "info":
-    print(f"uniform: {uniform_bpd(ds):.3f} bits/dim; per-element categorical"
-          f" (fit on train): {baseline_bpd(ds):.3f} bits/dim on test")
-
-
-if __name__ == "__main__":
-  main()
