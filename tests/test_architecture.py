@@ -37,7 +37,7 @@ LAYERS = {
     "vdm.stored_config": 3, "vdm.checksums": 3, "vdm.workdir_lock": 3,
     "vdm.preemption": 3, "vdm.training_loop": 3,
     # 4: entry points.
-    "vdm.main": 4,
+    "vdm.cli": 4, "vdm.main": 4,
 }
 
 # Third-party packages a layer must not import (the layers below may).

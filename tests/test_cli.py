@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from vdm import cli
 from vdm import config_lib
 from vdm import main as main_lib
 from vdm import workdir_lock
@@ -89,7 +90,7 @@ def test_mistakes_are_one_line_and_write_nothing(run, tmp_path):
     procs = [(name, vdm(*args), text) for name, args, text in cases]
     results = [(name, finish(proc), text) for name, proc, text in procs]
   for name, (code, out, err), text in results:
-    assert code == main_lib.EXIT_USAGE, (name, err[-3000:])
+    assert code == cli.EXIT_USAGE, (name, err[-3000:])
     assert text in _error_line(err), (name, err[-3000:])
   assert not os.path.exists(missing)           # nothing created
   assert open(config_json).read() == before    # a refused resume wrote nothing
@@ -110,6 +111,7 @@ def test_outputs_are_named_and_never_replace_each_other(run):
   code, out, err = finish(vdm("eval", f"--workdir={run}",
                               "--config.training.eval_seed=5"))
   assert code == 0, err[-3000:]
+  assert "could not be restored" not in err     # no Orbax warning on restore
   config.training.eval_seed = 5
   other, _ = config_lib.eval_output(config, "test", 6)
   assert other != trained_eval
@@ -131,12 +133,12 @@ def test_info_describes_the_run(run):
 
 
 def test_expand_argv_maps_commands_and_the_stored_config(run):
-  assert main_lib.expand_argv(["vdm", "eval", f"--workdir={run}"]) == [
-      "vdm", f"--config={main_lib._STORED_CONFIG}:"
+  assert cli.expand_argv(["vdm", "eval", f"--workdir={run}"]) == [
+      "vdm", f"--config={cli.STORED_CONFIG}:"
       f"{os.path.join(os.path.abspath(run), 'config.json')}",
       "--mode=eval", f"--workdir={run}"]
-  assert main_lib.expand_argv(["vdm", "train", f"--config={TINY}",
-                               "--workdir=x"]) == [
+  assert cli.expand_argv(["vdm", "train", f"--config={TINY}",
+                          "--workdir=x"]) == [
       "vdm", "--mode=train", f"--config={TINY}", "--workdir=x"]
 
 
@@ -169,7 +171,7 @@ def test_sigterm_exits_143(tmp_path, when):
     code, _, err = finish(proc, timeout=120)
   finally:
     proc.kill()
-  assert code == main_lib.exit_code_for_signal(signal.SIGTERM) == 143, err
+  assert code == cli.exit_code_for_signal(signal.SIGTERM) == 143, err
   steps = [s for s in os.listdir(os.path.join(workdir, "checkpoints"))
            if s.isdigit()]
   if when == "compile":
