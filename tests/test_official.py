@@ -9,6 +9,8 @@ t, eps) it used. The import must reproduce those terms from our code.
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import tarfile
 
 import jax
@@ -159,3 +161,24 @@ def test_learnable_nnet_maps_to_learned_net():
                              atol=2e-5)
   np.testing.assert_allclose(g_ours, g_off, atol=2e-5)
   np.testing.assert_allclose(dg_ours, dg_off, rtol=1e-4)
+
+
+def test_import_official_command_writes_a_run(imported, tmp_path):
+  # The `vdm import-official` command (absl flags, like every entry point)
+  # writes the same run as the library call, and `vdm info` reads it.
+  workdir = str(tmp_path / "cli_run")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  run = lambda *args: subprocess.run(
+      [sys.executable, "-m", "vdm.main", *args], capture_output=True,
+      text=True, cwd=repo, timeout=300)
+  proc = run("import-official", str(imported["root"]), f"--workdir={workdir}",
+             f"--official_config={DATA / 'official_config.json'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "imported step 1234 (1 blocks x 64 channels" in proc.stdout
+  assert config_lib.load_run_config(workdir).to_dict() == (
+      config_lib.load_run_config(imported["workdir"]).to_dict())
+  info = run("info", f"--workdir={workdir}")
+  assert info.returncode == 0 and "newest 1234" in info.stdout, info.stderr
+  proc = run("import-official", str(imported["root"]))     # no --workdir
+  assert proc.returncode == 2 and proc.stderr.startswith("error: usage: vdm "
+                                                          "import-official")

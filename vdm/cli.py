@@ -31,7 +31,7 @@ from vdm import checkpointing
 from vdm import config_lib
 from vdm import workdir_lock
 
-COMMANDS = ("train", "eval", "sample", "prepare", "info")
+COMMANDS = ("train", "eval", "sample", "prepare", "info", "import-official")
 EXIT_USAGE = 2      # a usage or configuration error: nothing was run
 EXIT_FAILED = 1     # the run failed (diverged, checkpoint not written, bug)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -5,6 +5,7 @@ r"""Command line: train, evaluate, sample, prepare data, inspect a run.
   vdm sample --workdir=runs/demo --config.sampling.num_samples=16
   vdm prepare cifar10 --data_dir=DIR
   vdm info --workdir=runs/demo
+  vdm import-official OFFICIAL_WORKDIR --workdir=runs/c10_official
 
 `python -m vdm.main --mode=train|eval|sample ...` is the same command.
 `--config` is needed only to start a run: a run writes its config into
@@ -64,6 +65,13 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None,
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None, "prepare: manual downloads (default: "
     "DATA_DIR/downloads/manual).")
+_OFFICIAL_CONFIG = flags.DEFINE_string(
+    "official_config", None, "import-official: the official config the "
+    "checkpoint was trained with (.py or .json); default: the official "
+    "configs/cifar10.py.")
+_BASE_CONFIG = flags.DEFINE_string(
+    "base_config", None, "import-official: our config the translation starts "
+    "from (default: configs/cifar10.py of this checkout).")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of usage errors "
                            "(also VDM_DEBUG=1).")
 _COORDINATOR = flags.DEFINE_string(
@@ -134,6 +142,8 @@ def _main(argv) -> int:
     return _prepare(argv)
   if mode == "info":
     return _info(argv)
+  if mode == "import-official":
+    return _import_official(argv)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir = _WORKDIR.value
@@ -294,6 +304,23 @@ def _info(argv) -> int:
   if not workdir or (len(argv) > 1 and _WORKDIR.value):
     raise app.UsageError("usage: vdm info --workdir=DIR (or vdm info DIR).")
   print(run_info(workdir))
+  return 0
+
+
+def _import_official(argv) -> int:
+  if len(argv) != 2 or not _WORKDIR.value:
+    raise app.UsageError("usage: vdm import-official OFFICIAL_CHECKPOINT "
+                         "--workdir=DIR [--official_config=PATH] "
+                         "[--base_config=PATH]")
+  from vdm import official  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value
+  config, step = official.import_checkpoint(
+      argv[1], workdir, official_config=_OFFICIAL_CONFIG.value,
+      base_config=_BASE_CONFIG.value or official.DEFAULT_BASE_CONFIG)
+  print(f"imported step {step} ({config.model.net_kwargs.num_res_blocks} "
+        f"blocks x {config.model.net_kwargs.channels} channels, schedule "
+        f"{config.model.schedule}) into {workdir}; evaluate with: vdm eval "
+        f"--workdir={workdir}")
   return 0
 
 

@@ -1,6 +1,6 @@
 r"""Import checkpoints of the official VDM code (google-research/vdm).
 
-  python -m vdm.official OFFICIAL_WORKDIR --workdir=runs/c10_official \
+  vdm import-official OFFICIAL_WORKDIR --workdir=runs/c10_official \
       [--official_config=PATH] [--base_config=configs/cifar10.py]
   vdm eval --workdir=runs/c10_official
   vdm sample --workdir=runs/c10_official
@@ -40,7 +40,6 @@ for conditioning 0, which is what the official eval and sampler use.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -454,30 +453,3 @@ def import_checkpoint(checkpoint: str, workdir: str, *,
         "config_hash": config_lib.run_fingerprint(config),
         "imported_from": os.path.abspath(state["path"])})
   return config, step
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m vdm.official",
-      description="Import an official VDM checkpoint (google-research/vdm) "
-                  "as a run that `vdm eval` and `vdm sample` accept.")
-  parser.add_argument("checkpoint", help="official workdir, its "
-                      "checkpoints-0 folder or a ckpt-<n>.flax file")
-  parser.add_argument("--workdir", required=True, help="new run directory")
-  parser.add_argument("--official_config", default=None,
-                      help="the official config it was trained with (.py or "
-                      ".json); default: the official configs/cifar10.py")
-  parser.add_argument("--base_config", default=DEFAULT_BASE_CONFIG,
-                      help="our config the translation starts from")
-  args = parser.parse_args(argv)
-  config, step = import_checkpoint(args.checkpoint, args.workdir,
-                                   official_config=args.official_config,
-                                   base_config=args.base_config)
-  print(f"imported step {step} ({config.model.net_kwargs.num_res_blocks} "
-        f"blocks x {config.model.net_kwargs.channels} channels, schedule "
-        f"{config.model.schedule}) into {args.workdir}; evaluate with: vdm "
-        f"eval --workdir={args.workdir}")
-
-
-if __name__ == "__main__":
-  main()
