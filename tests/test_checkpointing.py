@@ -575,3 +575,6 @@ def test_failed_save_is_reported_at_the_next_call(tmp_path, call):
   assert "earlier checkpoints are intact (newest: step 1)" in result["error"]
   assert len(result["error"]) < 600
   assert result["restored"] == 1
+  # Orbax's log of the failure keeps one line, without its traceback.
+  assert "background save thread" in proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

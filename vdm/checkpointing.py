@@ -76,6 +76,27 @@ class CheckpointSaveError(RuntimeError):
   """Writing a checkpoint failed (disk full, permissions, ...)."""
 
 
+class _OneLineSaveFailure:
+  """Drops the tracebacks from Orbax's ERROR logs (a failed background save
+  logs one per thread).
+
+  A failed save is raised as one `CheckpointSaveError` (step, path, OS error)
+  at the next save or wait; Orbax's tracebacks above it buried that line.
+  Their one-line messages stay; VDM_DEBUG=1 keeps the tracebacks.
+  """
+
+  def filter(self, record) -> bool:
+    if (record.levelno >= logging.ERROR and record.exc_info
+        and f"{os.sep}orbax{os.sep}" in record.pathname
+        and os.environ.get("VDM_DEBUG", "") in ("", "0")):
+      record.exc_info = None
+      record.exc_text = None
+    return True
+
+
+_SAVE_FAILURE_FILTER = _OneLineSaveFailure()
+
+
 class NonFiniteStateError(RuntimeError):
   """The state to save holds a NaN or inf (training diverged)."""
 
@@ -249,6 +270,9 @@ class Manager:
            _METADATA: ocp.JsonCheckpointHandler(),
            _METRICS: ocp.JsonCheckpointHandler()}))
     self._manager = None
+    absl_logger = logging.get_absl_logger()
+    if _SAVE_FAILURE_FILTER not in absl_logger.filters:
+      absl_logger.addFilter(_SAVE_FAILURE_FILTER)
     if read_only:
       if not epath.Path(directory).exists():
         raise FileNotFoundError(

@@ -314,9 +314,15 @@ def _import_official(argv) -> int:
                          "[--base_config=PATH]")
   from vdm import official  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
+  base_config = _BASE_CONFIG.value or official.DEFAULT_BASE_CONFIG
+  if not os.path.isfile(base_config):
+    # A wheel install has no configs/ beside the package.
+    raise FileNotFoundError(
+        f"no base config {base_config}: pass --base_config=PATH to "
+        "configs/cifar10.py of a checkout of this project.")
   config, step = official.import_checkpoint(
       argv[1], workdir, official_config=_OFFICIAL_CONFIG.value,
-      base_config=_BASE_CONFIG.value or official.DEFAULT_BASE_CONFIG)
+      base_config=base_config)
   print(f"imported step {step} ({config.model.net_kwargs.num_res_blocks} "
         f"blocks x {config.model.net_kwargs.channels} channels, schedule "
         f"{config.model.schedule}) into {workdir}; evaluate with: vdm eval "
