@@ -41,22 +41,9 @@ def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
     label dropout), also 'bpd_uncond' (-log p(x), unconditional) and
     'bpd_uncond_se'.
   """
-  totals = None
-  batches = ds.eval_batches(split, batch_size=batch_size,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count())
-  for index, local in enumerate(batches):
-    batch = parallel.shard_batch(mesh, local)
-    sums = eval_step(params, batch, jnp.asarray(index, jnp.int32))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
-    raise ValueError(f"split {split!r} of {ds.name!r} is empty.")
-  totals = jax.device_get(totals)
+  totals, _ = _sum_over_split(eval_step, params, ds, split=split,
+                              batch_size=batch_size, mesh=mesh)
   count = int(round(float(totals["count"])))
-  expected = ds.num_examples(split)
-  if count != expected:
-    raise RuntimeError(f"evaluated {count} examples of {split!r} but the "
-                       f"split has {expected}: the eval iterator is broken.")
   to_bpd = 1.0 / (count * num_dims * math.log(2.0))
   result = {("bpd" if k == "total" else f"bpd_{k}"):
             float(totals[k]) * to_bpd for k in TERMS}
@@ -91,23 +78,10 @@ def evaluate_split_ode(ode_step, params, ds, *, split: str, batch_size: int,
     Monte Carlo error from above); 'nfe': network evaluations per batch
     (mean over batches, all draws); 'num_examples', 'split'}.
   """
-  totals, nfes = None, []
-  batches = ds.eval_batches(split, batch_size=batch_size,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count())
-  for index, local in enumerate(batches):
-    batch = parallel.shard_batch(mesh, local)
-    sums = ode_step(params, batch, jnp.asarray(index, jnp.int32))
-    nfes.append(sums.pop("nfe"))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
-    raise ValueError(f"split {split!r} of {ds.name!r} is empty.")
-  totals, nfes = jax.device_get((totals, nfes))
+  totals, nfes = _sum_over_split(ode_step, params, ds, split=split,
+                                 batch_size=batch_size, mesh=mesh,
+                                 per_batch="nfe")
   count = int(round(float(totals["count"])))
-  if count != ds.num_examples(split):
-    raise RuntimeError(f"evaluated {count} examples of {split!r} but the "
-                       f"split has {ds.num_examples(split)}: the eval "
-                       "iterator is broken.")
   mean = float(totals["ode_total"]) / count
   var = max(float(totals["ode_total_sq"]) / count - mean ** 2, 0.0)
   to_bpd = 1.0 / (num_dims * math.log(2.0))
@@ -115,6 +89,37 @@ def evaluate_split_ode(ode_step, params, ds, *, split: str, batch_size: int,
           "bpd_ode_se": (math.sqrt(var * count / (count - 1) / count) * to_bpd
                          if count > 1 else None),
           "nfe": float(np.mean(nfes)), "num_examples": count, "split": split}
+
+
+def _sum_over_split(step, params, ds, *, split: str, batch_size: int, mesh,
+                    per_batch: str | None = None) -> tuple[dict, list]:
+  """Sums `step`'s outputs over every batch of `split` (host numpy).
+
+  Returns:
+    (totals, the `per_batch` output of each batch, kept apart, not summed).
+  Raises:
+    ValueError: the split is empty.
+    RuntimeError: the summed 'count' is not the split's size.
+  """
+  totals, kept = None, []
+  batches = ds.eval_batches(split, batch_size=batch_size,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+  for index, local in enumerate(batches):
+    batch = parallel.shard_batch(mesh, local)
+    sums = step(params, batch, jnp.asarray(index, jnp.int32))
+    if per_batch is not None:
+      kept.append(sums.pop(per_batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError(f"split {split!r} of {ds.name!r} is empty.")
+  totals, kept = jax.device_get((totals, kept))
+  count = int(round(float(totals["count"])))
+  if count != ds.num_examples(split):
+    raise RuntimeError(f"evaluated {count} examples of {split!r} but the "
+                       f"split has {ds.num_examples(split)}: the eval "
+                       "iterator is broken.")
+  return totals, kept
 
 
 def _standard_error(draws: np.ndarray) -> float | None:
