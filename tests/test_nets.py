@@ -9,7 +9,6 @@ layer (so at init each returns exactly z_t). Tests of what the output depends
 on therefore first perturb every parameter (`nets_util.perturb`); otherwise
 gamma, labels and dropout could be ignored and the test would still pass.
 """
-import importlib.util
 import os
 
 import jax
@@ -152,28 +151,15 @@ def test_vdm_unet_param_count_matches_paper_and_official(num_res_blocks,
     assert count == 30_577_667
 
 
-OFFICIAL_MODEL = os.path.join(
-    os.environ.get("VDM_PEER_DIR", os.path.join(
-        os.path.dirname(__file__), "..", "..", "shared", "peers",
-        "google-research-vdm")), "model_vdm.py")
-
-
-@pytest.mark.skipif(not os.path.isfile(OFFICIAL_MODEL),
-                    reason="official VDM code not available (VDM_PEER_DIR)")
+@pytest.mark.skipif(not os.path.isfile(nets_util.OFFICIAL_MODEL),
+                    reason=nets_util.NO_OFFICIAL_MODEL)
 @pytest.mark.parametrize("attention", [False, True])
 def test_vdm_unet_equals_official_network_with_mapped_params(attention):
   """Same function as the official ScoreUNet (google-research/vdm@dc27b98),
   given its parameters: the strongest fidelity check of the architecture.
   model_vdm.py is loaded by path under another name (no `vdm` shadowing)."""
-  spec = importlib.util.spec_from_file_location("official_model_vdm",
-                                                OFFICIAL_MODEL)
-  official = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(official)
-  config = official.VDMConfig(
-      vocab_size=256, sample_softmax=False, antithetic_time_sampling=True,
-      with_fourier_features=True, with_attention=attention,
-      gamma_type="learnable_scalar", gamma_min=-13.3, gamma_max=5.0,
-      sm_n_timesteps=0, sm_n_embd=64, sm_n_layer=1, sm_pdrop=0.1)
+  official = nets_util.load_official_model()
+  config = nets_util.official_config(official, with_attention=attention)
   score_unet = official.ScoreUNet(config)
   z_t = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))
   gamma = jnp.array([-13.0, 0.0, 4.5])

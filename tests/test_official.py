@@ -23,6 +23,7 @@ from vdm import config_lib
 from vdm import elbo
 from vdm import learned_schedules
 from vdm import official
+import nets_util
 
 DATA = pathlib.Path(__file__).parent / "data" / "official_tiny"
 
@@ -125,27 +126,13 @@ def test_find_checkpoint_takes_workdir_folder_or_file(imported):
   assert official.find_checkpoint(expected) == expected
 
 
-OFFICIAL_MODEL = os.path.join(
-    os.environ.get("VDM_PEER_DIR", os.path.join(
-        os.path.dirname(__file__), "..", "..", "shared", "peers",
-        "google-research-vdm")), "model_vdm.py")
-
-
-@pytest.mark.skipif(not os.path.isfile(OFFICIAL_MODEL),
-                    reason="official VDM code not available (VDM_PEER_DIR)")
+@pytest.mark.skipif(not os.path.isfile(nets_util.OFFICIAL_MODEL),
+                    reason=nets_util.NO_OFFICIAL_MODEL)
 def test_learnable_nnet_maps_to_learned_net():
   """The official monotone-net schedule, at random parameters, equals our
   learned_net with the mapped ones (gamma and gamma')."""
-  import importlib.util   # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("official_model_vdm",
-                                                OFFICIAL_MODEL)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.VDMConfig(
-      vocab_size=256, sample_softmax=False, antithetic_time_sampling=True,
-      with_fourier_features=True, with_attention=False,
-      gamma_type="learnable_nnet", gamma_min=-13.3, gamma_max=5.0,
-      sm_n_timesteps=0, sm_n_embd=64, sm_n_layer=1, sm_pdrop=0.1)
+  module = nets_util.load_official_model()
+  config = nets_util.official_config(module, gamma_type="learnable_nnet")
   schedule = module.NoiseSchedule_NNet(config)
   t = jnp.linspace(0.0, 1.0, 11)
   p = schedule.init(jax.random.key(0), t)["params"]
