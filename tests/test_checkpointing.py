@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -546,6 +547,12 @@ try:
   manager.save(2, {"w": jnp.asarray(big)})
   if call == "save":
     manager.save(3, {"w": jnp.asarray(big)})
+  elif call == "check_for_errors":      # polled, as the train loop does
+    import time
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+      manager.check_for_errors()        # returns while the save runs
+      time.sleep(0.01)
   else:
     manager.wait_until_finished()
 except checkpointing.CheckpointSaveError as e:
@@ -558,7 +565,8 @@ print("RESULT " + json.dumps({"error": error, "restored": step}))
 """
 
 
-@pytest.mark.parametrize("call", ["save", "wait_until_finished"])
+@pytest.mark.parametrize("call",
+                         ["save", "wait_until_finished", "check_for_errors"])
 def test_failed_save_is_reported_at_the_next_call(tmp_path, call):
   directory = str(tmp_path / "ckpt")
   proc = subprocess.run(
@@ -578,3 +586,25 @@ def test_failed_save_is_reported_at_the_next_call(tmp_path, call):
   # Orbax's log of the failure keeps one line, without its traceback.
   assert "background save thread" in proc.stderr
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_unwritable_folder_is_refused_when_opened(tmp_path):
+  # Root ignores permission bits, so the folder is made unusable by a file
+  # where its parent folder should be; a chmod 555 folder (tried as an
+  # unprivileged user, docs/reliability.md) gives the same one line.
+  (tmp_path / "workdir").write_text("not a folder")
+  directory = str(tmp_path / "workdir" / "checkpoints")
+  with pytest.raises(checkpointing.CheckpointSaveError, match=(
+      f"^cannot write checkpoints to {re.escape(directory)}: "
+      r"NotADirectoryError.*Make the folder writable")):
+    checkpointing.Manager(directory)
+
+
+def test_check_for_errors_is_quiet_without_a_failure(tmp_path):
+  with checkpointing.Manager(tmp_path / "ckpt") as manager:
+    manager.check_for_errors()                 # nothing saved yet
+    assert manager.save(1, {"w": jnp.ones(4)})
+    manager.check_for_errors()                 # running or done: no error
+    manager.wait_until_finished()
+    manager.check_for_errors(collective=True)  # one process: same
+    assert manager.all_steps() == [1]

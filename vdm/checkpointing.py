@@ -42,7 +42,11 @@ Async saves: `save` returns once the state has been copied to host memory;
 the files are written in a background thread. Donating the state to the next
 train step after `save` returns is therefore safe. A failed save (disk full,
 permissions) is raised as `CheckpointSaveError` by the next `save`,
-`wait_until_finished` or `close`, whichever comes first.
+`wait_until_finished`, `close` or `check_for_errors`, whichever comes first;
+the training loop calls `check_for_errors` after every step, so a failure
+surfaces within a step of the moment the background write fails. A folder
+that cannot be written is refused when the writer opens it, before anything
+is trained.
 """
 
 import json
@@ -259,6 +263,7 @@ class Manager:
     self._read_only = read_only
     self._async_save = async_save
     self._pending_step = None          # the step of the newest save started
+    self._unchecked = False            # a save started, its outcome not seen
     self._closed = False
     # Restores read step folders directly (the writer's and readers' path
     # alike), so a reader needs no CheckpointManager.
@@ -281,6 +286,7 @@ class Manager:
             "--workdir=...), then evaluate or sample.")
       self._note_unfinished_saves()
       return
+    self._check_writable()
     self._warn_unfinished_saves()
     self._set_aside_bad_metrics()
 
@@ -402,6 +408,29 @@ class Manager:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("vdm_set_aside_bad_metrics")
 
+  def _check_writable(self) -> None:
+    """Creates the folder and a probe file in it, or refuses at once.
+
+    Orbax would find out at the first save, minutes into training, and its
+    background threads then wait minutes for a step folder that never
+    appears (an unwritable folder hung the run for 5 minutes).
+    """
+    if "://" in self._directory:       # object stores: no cheap probe
+      return
+    probe = os.path.join(self._directory,
+                         f".vdm-write-probe-{os.getpid()}-{time.time_ns()}")
+    try:
+      os.makedirs(self._directory, exist_ok=True)
+      with open(probe, "wb") as f:
+        f.write(b"ok")
+      os.remove(probe)
+    except OSError as e:
+      raise CheckpointSaveError(
+          f"cannot write checkpoints to {self._directory}: "
+          f"{checksums.short_error(e)}. Make the folder writable (or free "
+          "disk space, or choose another --workdir), then rerun the same "
+          "command.") from None
+
   def _write_pending_checksums(self) -> None:
     """Orbax's post-finalization callback: checksums.json into the step.
 
@@ -428,12 +457,47 @@ class Manager:
 
   def _wait(self) -> None:
     """Waits for the pending save; its failure as a CheckpointSaveError."""
-    if self._manager is None:
-      return
+    if self._manager is None or not self._unchecked:
+      return             # no save since the last outcome was seen
+    self._unchecked = False
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(self._pending_step, e) from e
+
+  def check_for_errors(self, *, collective: bool = False) -> None:
+    """Raises a failed background save now; never waits for a running one.
+
+    Cheap enough to call after every train step (it looks at the save
+    thread and returns).
+
+    Args:
+      collective: multi-process runs: every process must call it at the same
+        point, and all raise together if any process's save failed (a
+        process that stopped alone would leave the others waiting in the
+        next collective). Single-process calls need not pass it.
+    Raises:
+      CheckpointSaveError: the newest save failed (on any process, when
+        `collective`).
+    """
+    error = None
+    if (self._manager is not None and self._unchecked
+        and not self._manager.is_saving_in_progress()):
+      try:
+        self._wait()
+      except CheckpointSaveError as e:
+        error = e
+    if collective and jax.process_count() > 1:
+      failed = multihost_utils.process_allgather(
+          np.array(error is not None, np.int32))
+      if error is None and np.any(failed):
+        error = CheckpointSaveError(
+            f"saving checkpoint step {self._pending_step} to "
+            f"{self._directory} failed on process(es) "
+            f"{np.flatnonzero(failed).tolist()} (their log has the cause); "
+            "rerun the same command to resume from the last checkpoint.")
+    if error is not None:
+      raise error
 
   def save(self, step: int, state: PyTree, *,
            metadata: Optional[Mapping[str, Any]] = None,
@@ -504,6 +568,7 @@ class Manager:
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                  _METADATA: ocp.args.JsonSave(metadata)})
     self._pending_step = step
+    self._unchecked = True
     try:
       started = bool(self._manager.save(step, args=args, metrics=metrics,
                                         force=force))

@@ -26,6 +26,7 @@ from typing import Optional
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from vdm import checkpointing
 from vdm import config_lib
@@ -143,6 +144,16 @@ def _stop_now(signum: int, *, saved: bool) -> None:
   os.write(2, (f"stopped by {signal.Signals(signum).name} ({state}); "
                f"exit code {code}. Rerun the same command to resume.\n"
                ).encode())
+  os._exit(code)   # pylint: disable=protected-access
+
+
+def exit_now(code: int) -> None:
+  """Flushes the console and the log and ends the process with `code`,
+  without the interpreter's shutdown (which joins library threads: Orbax's
+  after a failed save, the prefetcher's)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.flush()
   os._exit(code)   # pylint: disable=protected-access
 
 
