@@ -76,11 +76,16 @@ def get_config():
   # --mode=eval and the final eval, over the whole split (docs/likelihood.md).
   config.eval = ml_collections.ConfigDict()
   config.eval.estimator = "elbo"          # elbo | ode | both
-  config.eval.num_draws = 1               # ELBO draws of (t, eps) per image
+  # ELBO draws of (t, eps) per image, in groups of `strata` with stratified
+  # t: 16 = 4 groups of 4 puts the demo's Monte Carlo standard error near
+  # 0.002 bits/dim (measured, docs/likelihood.md) for 16x one draw's cost.
+  config.eval.num_draws = 16
+  config.eval.strata = 4
   config.eval.dequantization = "truncated_normal"  # ODE: | uniform
   config.eval.ode_num_draws = 1           # ODE: importance-weighted draws
   config.eval.ode_rtol = 1e-5             # ODE solver tolerances
   config.eval.ode_atol = 1e-5
+  config.eval.num_examples = 0            # 0: whole split; N: its first N
 
   config.sampling = ml_collections.ConfigDict()
   config.sampling.sampler = "ancestral"   # ancestral | ddim

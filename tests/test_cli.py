@@ -12,10 +12,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from vdm import cli
 from vdm import config_lib
+from vdm import generation
 from vdm import main as main_lib
 from vdm import workdir_lock
 
@@ -122,6 +124,28 @@ def test_outputs_are_named_and_never_replace_each_other(run):
                                                                      6)
   assert f"wrote {os.path.join(run, 'eval', other)}.json" in out
   assert [os.stat(p).st_mtime_ns for p in paths] == stamps
+
+
+def test_many_samples_are_written_in_resumable_chunks(run):
+  args = ["sample", f"--workdir={run}", "--config.sampling.num_samples=5",
+          "--config.sampling.chunk_size=2", "--config.sampling.num_steps=3"]
+  code, out, err = finish(vdm(*args))
+  assert code == 0, err[-3000:]
+  config = config_lib.load_run_config(run)
+  config.sampling.update(num_samples=5, chunk_size=2, num_steps=3)
+  directory = os.path.join(run, "samples",
+                           config_lib.sample_output(config, 6))
+  assert f"wrote 5 samples to {directory}" in out
+  assert "chunk 3/3 written" in out
+  samples, _ = generation.load_samples(directory)
+  assert samples.shape[0] == 5
+  # A lost chunk is redone by the same command, equal to the bit.
+  first = np.load(os.path.join(directory, "chunk_1.npz"))["samples"]
+  os.remove(os.path.join(directory, "chunk_1.npz"))
+  code, out, err = finish(vdm(*args))
+  assert code == 0 and "chunk 3/3 written" in out, err[-3000:]
+  np.testing.assert_array_equal(
+      np.load(os.path.join(directory, "chunk_1.npz"))["samples"], first)
 
 
 def test_info_describes_the_run(run):

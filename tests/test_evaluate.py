@@ -54,6 +54,9 @@ class _Split:
     del split
     return 32
 
+  def num_eval_examples(self, split, limit=None):
+    return min(self.num_examples(split), limit or 32)
+
 
 def test_standard_error_covers_a_many_draw_reference():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -75,6 +78,28 @@ def test_standard_error_covers_a_many_draw_reference():
       PARAMS, _Split(), split="test", batch_size=32, mesh=mesh, num_dims=8)
   assert single["num_draws"] == 1 and single["bpd_se"] is None
 
+
+
+def test_draws_are_listed_and_paired_across_models():
+  """'bpd_draws' holds each draw's bpd of the split ('bpd' is their mean,
+  'bpd_se' their standard error); draw k's keys do not depend on the
+  model, so two models' lists are paired (common random numbers)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  step = train.make_eval_step(MODEL, eval_seed=5, params_sharding=None,
+                              mesh=mesh, num_draws=4)
+  key = jax.random.fold_in(jax.random.key(5), 0)     # batch 0
+  keys = [key] + [jax.random.fold_in(key, k) for k in range(1, 4)]
+  to_bpd = 1 / (32 * 8 * math.log(2))
+  for params in (PARAMS, nets_util.perturb(PARAMS, 3)):
+    result = evaluate.evaluate_split(step, params, _Split(), split="test",
+                                     batch_size=32, mesh=mesh, num_dims=8)
+    draws = np.asarray(result["bpd_draws"])
+    assert draws.shape == (4,)
+    assert result["bpd"] == pytest.approx(draws.mean(), rel=1e-6)
+    assert result["bpd_se"] == pytest.approx(draws.std(ddof=1) / 2, rel=1e-6)
+    direct = [float(jnp.sum(MODEL.elbo_terms(params, X, None, k)["total"]))
+              * to_bpd for k in keys]
+    np.testing.assert_allclose(draws, direct, rtol=1e-5)
 
 def test_conditional_eval_is_marked_and_reports_the_null_label_bpd():
   """-log p(x | y) is marked conditional; with label dropout the null

@@ -172,6 +172,19 @@ def test_eval_batches_cover_the_split_once_in_order(mnist, process_count):
   assert not rows["image"][1000:].any() and not rows["label"][1000:].any()
 
 
+@pytest.mark.parametrize("limit,num", [(250, 250), (1000, 1000),
+                                       (5000, 1000), (None, 1000)])
+def test_eval_batches_limit_takes_the_first_examples(mnist, limit, num):
+  assert mnist.num_eval_examples("test", limit) == num
+  batches = list(mnist.eval_batches("test", batch_size=96, limit=limit))
+  assert len(batches) == math.ceil(num / 96)
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.sum() == num and mask[:num].all()
+  images = np.concatenate([b["image"] for b in batches])[:num]
+  np.testing.assert_array_equal(
+      images, mnist.read("test", np.arange(num))["image"])
+
+
 def test_flips_are_deterministic_and_mirror_images(mnist):
   flipping = input_pipeline.create("mnist5k", flip=True)
   plain = mnist.train_batch(5, batch_size=64)

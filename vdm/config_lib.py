@@ -68,7 +68,8 @@ CHANGEABLE_FIELDS = (
 # without the group (runs from before it) gets these.
 EVAL_DEFAULTS = {"estimator": "elbo", "num_draws": 1,
                  "dequantization": "truncated_normal", "ode_num_draws": 1,
-                 "ode_rtol": 1e-5, "ode_atol": 1e-5}
+                 "ode_rtol": 1e-5, "ode_atol": 1e-5, "num_examples": 0,
+                 "strata": 4}
 ESTIMATORS = ("elbo", "ode", "both")
 
 
@@ -77,6 +78,19 @@ def eval_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   missing."""
   given = dict(config.eval) if "eval" in config else {}
   return {k: given.get(k, v) for k, v in EVAL_DEFAULTS.items()}
+
+
+def with_eval_defaults(config: ml_collections.ConfigDict
+                       ) -> ml_collections.ConfigDict:
+  """`config` with every config.eval field, the defaults where missing (a
+  run stored before a field existed), so `--config.eval.<field>=` overrides
+  apply to any run. Changes `config` in place and returns it."""
+  if "eval" not in config:
+    config.eval = ml_collections.ConfigDict()
+  for key, value in EVAL_DEFAULTS.items():
+    if key not in config.eval:
+      config.eval[key] = value
+  return config
 
 
 def _fail(field: str, value, expected: str):
@@ -214,6 +228,20 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
       checks.check_int(field, opts[field], minimum=1)
     except (TypeError, ValueError):
       _fail(f"eval.{field}", opts[field], "an int > 0")
+  try:
+    checks.check_int("strata", opts["strata"], minimum=1)
+  except (TypeError, ValueError):
+    _fail("eval.strata", opts["strata"], "an int > 0")
+  if opts["num_draws"] > 1 and opts["num_draws"] % opts["strata"]:
+    _fail("eval.num_draws", opts["num_draws"],
+          f"1 or a multiple of eval.strata={opts['strata']} (draws come in "
+          "groups of eval.strata with stratified t; eval.strata=1 for "
+          "independent draws)")
+  try:
+    checks.check_int("num_examples", opts["num_examples"], minimum=0)
+  except (TypeError, ValueError):
+    _fail("eval.num_examples", opts["num_examples"],
+          "an int >= 0 (0: the whole split; N: its first N examples)")
   if opts["dequantization"] not in ("uniform", "truncated_normal"):
     _fail("eval.dequantization", opts["dequantization"],
           "'uniform' or 'truncated_normal'")
@@ -416,7 +444,8 @@ def eval_output(config: ml_collections.ConfigDict, split: str, step: int,
             "eval_batch_size": int(cfg.eval_batch_size)}
   if opts != EVAL_DEFAULTS:    # today's names for today's default eval
     record["eval"] = opts
-  name = (f"{split}_{int(step)}_{params}_{opts['estimator']}_seed"
+  subset = f"_first{opts['num_examples']}" if opts["num_examples"] else ""
+  name = (f"{split}{subset}_{int(step)}_{params}_{opts['estimator']}_seed"
           f"{cfg.eval_seed}_{_settings_hash(record)}")
   return name, record
 

@@ -21,8 +21,10 @@ TERMS = ("total", "recon", "prior", "diff")
 
 
 def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
-                   mesh, num_dims: int, conditional: bool = False) -> dict:
-  """bpd and its terms over every example of `split`.
+                   mesh, num_dims: int, conditional: bool = False,
+                   limit: int | None = None) -> dict:
+  """bpd and its terms over every example of `split` (or its first
+  `limit`; 'num_examples' in the result says how many).
 
   Args:
     eval_step: jitted (params, global_batch, batch_index) -> sums of the
@@ -35,36 +37,52 @@ def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
       -log p(x | y), marked by 'conditional': True.
   Returns:
     {'bpd', 'bpd_recon', 'bpd_prior', 'bpd_diff', 'bpd_se' (Monte Carlo
-    standard error of 'bpd' from the K draws' spread; None for K = 1),
+    standard error of 'bpd' from the spread of the R i.i.d. groups of
+    draws; None for one group), 'bpd_groups' (the groups' bpd of the split,
+    paired across models like the draws), 'num_groups',
+    'bpd_draws' (the K draws' bpd of the split; 'bpd' is their mean),
     'num_draws', 'num_examples', 'split', 'conditional'}; where the eval
     step reports the null label's terms (a conditional model trained with
     label dropout), also 'bpd_uncond' (-log p(x), unconditional) and
     'bpd_uncond_se'.
   """
   totals, _ = _sum_over_split(eval_step, params, ds, split=split,
-                              batch_size=batch_size, mesh=mesh)
+                              batch_size=batch_size, mesh=mesh, limit=limit)
   count = int(round(float(totals["count"])))
   to_bpd = 1.0 / (count * num_dims * math.log(2.0))
   result = {("bpd" if k == "total" else f"bpd_{k}"):
             float(totals[k]) * to_bpd for k in TERMS}
-  # The K draws' split means are i.i.d.: their spread is the Monte Carlo
-  # standard error of `bpd` for this split (none with one draw).
+  # The draws come in R i.i.d. groups (stratified t within a group,
+  # `train.eval_step`): the spread of the groups' split means is the Monte
+  # Carlo standard error of `bpd` for this split (none with one group).
   draws = np.asarray(totals["total_draws"], np.float64) * to_bpd
+  groups = np.asarray(totals.get("total_groups", totals["total_draws"]),
+                      np.float64) * to_bpd
   result["num_draws"] = int(draws.size)
-  result["bpd_se"] = _standard_error(draws)
+  result["num_groups"] = int(groups.size)
+  result["bpd_se"] = _standard_error(groups)
+  result["bpd_groups"] = groups.tolist()
+  # Draw k's keys and times depend only on the eval seed, k and the batch
+  # index, so two models evaluated alike see the same (t, eps): their draws
+  # and groups are paired (common random numbers). The groups, not the
+  # draws, are i.i.d.: the standard error of a difference between two
+  # models comes from the spread of the per-group differences.
+  result["bpd_draws"] = draws.tolist()
   result["conditional"] = bool(conditional)
   if "uncond_total" in totals:
     result["bpd_uncond"] = float(totals["uncond_total"]) * to_bpd
-    result["bpd_uncond_se"] = _standard_error(
-        np.asarray(totals["uncond_total_draws"], np.float64) * to_bpd)
+    result["bpd_uncond_se"] = _standard_error(np.asarray(
+        totals.get("uncond_total_groups", totals["uncond_total_draws"]),
+        np.float64) * to_bpd)
   result["num_examples"] = count
   result["split"] = split
   return result
 
 
 def evaluate_split_ode(ode_step, params, ds, *, split: str, batch_size: int,
-                       mesh, num_dims: int) -> dict:
-  """bpd by the probability-flow ODE over every example of `split`.
+                       mesh, num_dims: int, limit: int | None = None) -> dict:
+  """bpd by the probability-flow ODE over every example of `split` (or
+  its first `limit`).
 
   Args:
     ode_step: jitted (params, global_batch, batch_index) -> {'ode_total',
@@ -80,7 +98,7 @@ def evaluate_split_ode(ode_step, params, ds, *, split: str, batch_size: int,
   """
   totals, nfes = _sum_over_split(ode_step, params, ds, split=split,
                                  batch_size=batch_size, mesh=mesh,
-                                 per_batch="nfe")
+                                 per_batch="nfe", limit=limit)
   count = int(round(float(totals["count"])))
   mean = float(totals["ode_total"]) / count
   var = max(float(totals["ode_total_sq"]) / count - mean ** 2, 0.0)
@@ -92,8 +110,10 @@ def evaluate_split_ode(ode_step, params, ds, *, split: str, batch_size: int,
 
 
 def _sum_over_split(step, params, ds, *, split: str, batch_size: int, mesh,
-                    per_batch: str | None = None) -> tuple[dict, list]:
-  """Sums `step`'s outputs over every batch of `split` (host numpy).
+                    per_batch: str | None = None,
+                    limit: int | None = None) -> tuple[dict, list]:
+  """Sums `step`'s outputs over every batch of `split` (its first `limit`
+  examples when given) (host numpy).
 
   Returns:
     (totals, the `per_batch` output of each batch, kept apart, not summed).
@@ -104,7 +124,7 @@ def _sum_over_split(step, params, ds, *, split: str, batch_size: int, mesh,
   totals, kept = None, []
   batches = ds.eval_batches(split, batch_size=batch_size,
                             process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            process_count=jax.process_count(), limit=limit)
   for index, local in enumerate(batches):
     batch = parallel.shard_batch(mesh, local)
     sums = step(params, batch, jnp.asarray(index, jnp.int32))
@@ -115,10 +135,10 @@ def _sum_over_split(step, params, ds, *, split: str, batch_size: int, mesh,
     raise ValueError(f"split {split!r} of {ds.name!r} is empty.")
   totals, kept = jax.device_get((totals, kept))
   count = int(round(float(totals["count"])))
-  if count != ds.num_examples(split):
-    raise RuntimeError(f"evaluated {count} examples of {split!r} but the "
-                       f"split has {ds.num_examples(split)}: the eval "
-                       "iterator is broken.")
+  expected = ds.num_eval_examples(split, limit)
+  if count != expected:
+    raise RuntimeError(f"evaluated {count} examples of {split!r} but "
+                       f"expected {expected}: the eval iterator is broken.")
   return totals, kept
 
 

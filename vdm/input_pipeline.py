@@ -228,28 +228,41 @@ class Dataset:
                              process_index=process_index,
                              process_count=process_count)
 
-  def num_eval_batches(self, split: str, *, batch_size: int) -> int:
-    return math.ceil(self.num_examples(split)
+  def num_eval_examples(self, split: str, limit: int | None = None) -> int:
+    """How many examples `eval_batches(split, limit=limit)` yields: the
+    split's size, or `limit` when that is smaller (None or 0: no limit)."""
+    num = self.num_examples(split)
+    if limit:
+      num = min(num, checks.check_int("limit", limit, minimum=0))
+    return num
+
+  def num_eval_batches(self, split: str, *, batch_size: int,
+                       limit: int | None = None) -> int:
+    return math.ceil(self.num_eval_examples(split, limit)
                      / checks.check_int("batch_size", batch_size, minimum=1))
 
   def eval_batches(self, split: str = "test", *, batch_size: int,
-                   process_index: int = 0, process_count: int = 1
+                   process_index: int = 0, process_count: int = 1,
+                   limit: int | None = None
                    ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of `split` once, in index order, in global batches.
 
     Global batch k holds examples [k * batch_size, (k + 1) * batch_size); the
     last one is padded with zero images (label 0) whose mask is False. Every
-    process yields num_eval_batches(split) batches of its rows.
+    process yields num_eval_batches(split) batches of its rows. With
+    `limit` N (> 0), only the split's first N examples (for estimators too
+    slow for the whole split, e.g. the ODE on a CPU).
 
     Yields:
       {'image': [b, *shape] `dtype`, 'label': [b] int32, 'mask': [b] bool},
       b = batch_size // process_count.
     """
     lo, hi = _local_rows(batch_size, process_index, process_count)
-    num = self.num_examples(split)
+    num = self.num_eval_examples(split, limit)
 
     def batches():
-      for k in range(self.num_eval_batches(split, batch_size=batch_size)):
+      for k in range(self.num_eval_batches(split, batch_size=batch_size,
+                                           limit=limit)):
         positions = k * batch_size + np.arange(lo, hi, dtype=np.int64)
         mask = positions < num
         real = self.read(split, positions[mask])

@@ -40,6 +40,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vdm import checkpointing
 from vdm import cli
 from vdm import config_lib
 from vdm import evaluate
@@ -108,6 +109,10 @@ def print_summary(ds, config, result: dict, workdir: str):
         "bits per dim (lower is better):")
   for name, bpd in rows:
     print(f"  {name:<64s} {bpd:7.4f}")
+  if result.get("bpd_se") and "num_groups" in result:   # the ELBO's
+    print(f"  VDM's Monte Carlo standard error: {result['bpd_se']:.4f} "
+          f"({result['num_draws']} draws of (t, eps) per example, "
+          f"{result['num_groups']} independent groups)")
   if "bpd_recon" in result:     # the ELBO's terms (not with estimator 'ode')
     print(f"  VDM terms: recon {result['bpd_recon']:.4f}  prior "
           f"{result['bpd_prior']:.4f}  diffusion {result['bpd_diff']:.4f}")
@@ -129,6 +134,12 @@ def main(argv):
     code = cli.exit_code_for_error(error)
     if code is None:
       raise
+    if isinstance(error, checkpointing.CheckpointSaveError):
+      # Orbax's background threads of a failed save can wait minutes for a
+      # signal that never comes (a step folder that could not be created);
+      # the interpreter's shutdown would wait for them. Everything that
+      # could be saved is on disk and the error is printed: stop now.
+      cli.exit_now(code)
     return code
 
 
@@ -190,10 +201,7 @@ def _train(config, workdir: str, on_unsaved: Callable[[bool], None]) -> int:
       # stops the still-running library threads (the batch prefetcher,
       # Orbax's and XLA's pools) by unwinding them, which aborted (exit 134)
       # in about half of the runs stopped this way.
-      sys.stdout.flush()
-      sys.stderr.flush()
-      logging.flush()
-      os._exit(code)   # pylint: disable=protected-access
+      cli.exit_now(code)
     return code
   if result and parallel.is_main_process():
     ds = input_pipeline.create(config.data.dataset,
@@ -220,11 +228,21 @@ def _eval_or_sample(config, workdir: str, mode: str) -> int:
     return 0
   params = trainer.gather(params)   # on every process (FSDP)
   if parallel.is_main_process():
-    path = generation.write_samples(
-        trainer.model, params, workdir, step,
-        generation.SamplingOptions.from_config(config.sampling),
-        name=config_lib.sample_output(config, step, _PARAMS.value))
-    print(f"wrote {path}")
+    options = generation.SamplingOptions.from_config(config.sampling)
+    name = config_lib.sample_output(config, step, _PARAMS.value)
+    if options.num_samples > options.chunk_size:
+      # Many samples (FID-scale): chunks of one compiled size, resumable.
+      path = generation.sample_to_dir(
+          trainer.model, params, workdir, name, options,
+          progress=lambda done, total: print(
+              f"chunk {done}/{total} written", flush=True))
+      print(f"wrote {options.num_samples} samples to {path} "
+            "(vdm.generation.load_samples reads them; rerun the same "
+            "command to finish an interrupted run)")
+    else:
+      path = generation.write_samples(trainer.model, params, workdir, step,
+                                      options, name=name)
+      print(f"wrote {path}")
   return 0
 
 

@@ -308,8 +308,8 @@ class Model:
     loss_prior = elbo.prior_loss(f, gamma_1)
     return loss_recon, loss_prior  # [B] nats each
 
-  def elbo_terms(self, params: Params, x: jax.Array, labels, key: jax.Array
-                 ) -> dict[str, jax.Array]:
+  def elbo_terms(self, params: Params, x: jax.Array, labels, key: jax.Array,
+                 t: jax.Array | None = None) -> dict[str, jax.Array]:
     """Per-example ELBO terms in nats (unweighted, the model's schedule).
 
     Args:
@@ -317,18 +317,26 @@ class Model:
       x: [B, ...] integer data in [0, vocab_size).
       labels: [B] int32 or None.
       key: consumed for t, eps and eps_0.
+      t: [B] diffusion times to use instead of the ones `key` draws
+        (`elbo_times(key, B)`), e.g. stratified over several draws.
     Returns:
       {'recon', 'prior', 'diff', 'total'}: each [B] nats.
     """
     key_recon, key_t, key_eps = jax.random.split(key, 3)
     f = elbo.encode(x, self.vocab_size)
     loss_recon, loss_prior = self._recon_prior(params, x, f, key_recon)
-    t, eps = self._draw(f, key_t, key_eps)
+    drawn, eps = self._draw(f, key_t, key_eps)
+    t = drawn if t is None else t
     loss_diff = elbo.diffusion_loss(
         self.eps_fn(params, labels), self.gamma_fn(params), f, t, eps,
         num_steps=self.num_steps)
     return {"recon": loss_recon, "prior": loss_prior, "diff": loss_diff,
             "total": loss_recon + loss_prior + loss_diff}
+
+  def elbo_times(self, key: jax.Array, batch_size: int) -> jax.Array:
+    """[B] the diffusion times `elbo_terms(..., key)` draws."""
+    _, key_t, _ = jax.random.split(key, 3)
+    return elbo.sample_times(key_t, batch_size, antithetic=self.antithetic)
 
   def training_loss(self, params: Params, x: jax.Array, labels, key: jax.Array,
                     adaptive_state=None) -> tuple[jax.Array, dict]:

@@ -14,4 +14,5 @@ def get_config(path: str):
   config = config_lib.load_run_config(os.path.dirname(path))
   if config is None:
     raise FileNotFoundError(f"no run config at {path}.")
-  return config
+  # Eval options added since the run started are overridable too.
+  return config_lib.with_eval_defaults(config)

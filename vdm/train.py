@@ -215,20 +215,29 @@ def train_step(state: TrainState, batch: dict, *, model: model_lib.Model,
 
 def eval_step(params, batch: dict, batch_index: jax.Array, *,
               model: model_lib.Model, eval_key: jax.Array,
-              num_draws: int = 1) -> dict:
+              num_draws: int = 1, strata: int = 1) -> dict:
   """Sums of the per-example ELBO terms (nats) over the real examples.
 
   The key of draw 0 is fold_in(eval_key, batch_index) (one draw reproduces
   the single-draw eval to the last bit); draw k >= 1 uses fold_in(that key,
-  k), independent draws of (t, eps), so the split means of the K draws are
-  i.i.d. and their spread gives the Monte Carlo standard error
-  (`evaluate.evaluate_split`). Terms are averaged over the draws;
-  'total_draws' [K] holds each draw's sum of the total.
+  k) for its eps (and eps_0). The K = num_draws draws come in R = K / S
+  independent groups of S = strata draws whose times t are stratified per
+  example: draw j of a group uses t = mod(t_g + j / S, 1), t_g the time its
+  group's first draw's key gives (each t is still U(0, 1), so every draw is
+  unbiased). Stratifying t is the variance reduction that counts here: on
+  the demo model, the mean of 4 stratified draws has 0.11 times the variance
+  of the mean of 4 independent ones (docs/likelihood.md). S = 1: K
+  independent draws.
+
+  Terms are averaged over the draws; 'total_draws' [K] holds each draw's sum
+  of the total and 'total_groups' [R] each group's mean: the groups are
+  i.i.d., so their spread gives the Monte Carlo standard error
+  (`evaluate.evaluate_split`); the draws within a group are not.
 
   A class-conditional model's terms are -log p(x | y). If it was trained
   with label dropout (p_uncond > 0) it also has an unconditional model, the
-  null label: 'uncond_total' (and 'uncond_total_draws') is -log p(x) under
-  it, on the same draws (common random numbers).
+  null label: 'uncond_total' (and 'uncond_total_draws', '..._groups') is
+  -log p(x) under it, on the same draws (common random numbers).
   """
   key = jax.random.fold_in(eval_key, batch_index)
   x = batch["image"].astype(jnp.int32)
@@ -236,27 +245,38 @@ def eval_step(params, batch: dict, batch_index: jax.Array, *,
   mask = batch["mask"].astype(jnp.float32)
   with_uncond = bool(model.num_classes) and model.p_uncond > 0
 
-  def draw_sums(key_k):
-    terms = model.elbo_terms(params, x, labels, key_k)
+  def draw_sums(key_k, t_k=None):
+    terms = model.elbo_terms(params, x, labels, key_k, t_k)
     sums_k = {k: jnp.sum(v * mask) for k, v in terms.items()}
     if with_uncond:
-      uncond = model.elbo_terms(params, x, None, key_k)["total"]
+      uncond = model.elbo_terms(params, x, None, key_k, t_k)["total"]
       sums_k["uncond_total"] = jnp.sum(uncond * mask)
     return sums_k
 
+  totals = ["total"] + (["uncond_total"] if with_uncond else [])
   if num_draws == 1:
     sums = draw_sums(key)
-    sums["total_draws"] = sums["total"][None]
-    if with_uncond:
-      sums["uncond_total_draws"] = sums["uncond_total"][None]
+    for name in totals:
+      sums[f"{name}_draws"] = sums[name][None]
+      sums[f"{name}_groups"] = sums[name][None]
   else:
+    if num_draws % strata:
+      raise ValueError(f"num_draws={num_draws} is not a multiple of "
+                       f"strata={strata}.")
     keys = jnp.stack([key] + [jax.random.fold_in(key, k)
                               for k in range(1, num_draws)])
-    per_draw = jax.lax.map(draw_sums, keys)
+    num_groups = num_draws // strata
+    t_first = jax.vmap(model.elbo_times, in_axes=(0, None))(
+        keys[::strata], x.shape[0])                       # [R, B]
+    shifts = jnp.arange(strata, dtype=jnp.float32) / strata
+    times = jnp.mod(t_first[:, None, :] + shifts[None, :, None], 1.0)
+    per_draw = jax.lax.map(lambda a: draw_sums(*a),
+                           (keys, times.reshape(num_draws, -1)))
     sums = {k: jnp.mean(v) for k, v in per_draw.items()}
-    sums["total_draws"] = per_draw["total"]
-    if with_uncond:
-      sums["uncond_total_draws"] = per_draw["uncond_total"]
+    for name in totals:
+      sums[f"{name}_draws"] = per_draw[name]
+      sums[f"{name}_groups"] = jnp.mean(
+          per_draw[name].reshape(num_groups, strata), axis=1)
   sums["count"] = jnp.sum(mask)
   return sums
 
@@ -362,7 +382,7 @@ def make_train_step(model: model_lib.Model, *, seed: int, ema_decay: float,
 def make_eval_step(model: model_lib.Model, *, eval_seed: int,
                    params_sharding: Any, mesh: jax.sharding.Mesh,
                    batch_sharding: jax.sharding.Sharding | None = None,
-                   num_draws: int = 1
+                   num_draws: int = 1, strata: int = 1
                    ) -> Callable[[Any, dict, jax.Array], dict]:
   """The compiled eval step `(params, batch, batch_index) -> sums`.
 
@@ -376,18 +396,25 @@ def make_eval_step(model: model_lib.Model, *, eval_seed: int,
     batch_sharding: of the batch; default `parallel.data_sharding(mesh)`.
     num_draws: K >= 1 draws of (t, eps) per example (`eval_step`); the
       eval costs K times one draw's.
+    strata: S, draws per group with stratified t (`eval_step`); K must be a
+      multiple of S (or 1).
   Returns:
     The jitted `eval_step`, sums replicated.
   """
   if not isinstance(num_draws, int) or num_draws < 1:
     raise ValueError(f"num_draws={num_draws!r}: pass an int >= 1 (draws of "
                      "(t, eps) per eval example).")
+  if not isinstance(strata, int) or strata < 1 or (
+      num_draws > 1 and num_draws % strata):
+    raise ValueError(f"strata={strata!r} with num_draws={num_draws}: pass an "
+                     "int >= 1 that divides num_draws (1: independent "
+                     "draws).")
   if batch_sharding is None:
     batch_sharding = parallel.data_sharding(mesh)
   repl = parallel.replicated(mesh)
   eval_fn = functools.partial(eval_step, model=model,
                               eval_key=jax.random.key(eval_seed),
-                              num_draws=num_draws)
+                              num_draws=num_draws, strata=strata)
   return runtime.jit(eval_fn,
                      in_shardings=(params_sharding, batch_sharding, repl),
                      out_shardings=repl)

@@ -84,7 +84,9 @@ class Trainer:
         self.model, eval_seed=config.training.eval_seed,
         params_sharding=self.state_sharding.ema_params, mesh=self.mesh,
         batch_sharding=self.batch_sharding,
-        num_draws=self.eval_options["num_draws"])
+        num_draws=self.eval_options["num_draws"],
+        strata=(self.eval_options["strata"]
+                if self.eval_options["num_draws"] > 1 else 1))
     opts = self.eval_options
     self.ode_eval_step = runtime.jit(
         functools.partial(
@@ -128,10 +130,12 @@ class Trainer:
       yield parallel.shard_batch(self.mesh, local)
 
   def evaluate(self, params, split: str = "test") -> dict:
-    """bpd over the whole split by config.eval's estimator: 'elbo' (K
-    draws), 'ode' ('bpd' is then the ODE's, as 'bpd_ode') or 'both'."""
+    """bpd over the whole split (or config.eval.num_examples of it) by
+    config.eval's estimator: 'elbo' (K draws), 'ode' ('bpd' is then the
+    ODE's, as 'bpd_ode') or 'both'."""
     kwargs = dict(split=split, mesh=self.mesh, num_dims=self.model.num_dims,
-                  batch_size=self.config.training.eval_batch_size)
+                  batch_size=self.config.training.eval_batch_size,
+                  limit=self.eval_options["num_examples"] or None)
     estimator = self.eval_options["estimator"]
     result = {}
     if estimator in ("elbo", "both"):
@@ -267,6 +271,7 @@ def _train_loop(trainer: Trainer, workdir: str, ckpt: checkpointing.Manager,
                 ) -> dict:
   cfg = trainer.config.training
   main_process = parallel.is_main_process()
+  single_process = jax.process_count() == 1
   fingerprint = config_lib.run_fingerprint(trainer.config)
   # Restore or init: 1) fresh state with the final shardings; 2) replace it
   # by the newest valid checkpoint (skipping corrupt ones, with a warning).
@@ -309,7 +314,12 @@ def _train_loop(trainer: Trainer, workdir: str, ckpt: checkpointing.Manager,
       save_now = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
       eval_now = cfg.eval_every and done % cfg.eval_every == 0 and not is_last
       preempted = guard.should_stop(done)  # same answer on every process
-      if log_now or save_now or eval_now or preempted:
+      sync_point = log_now or save_now or eval_now or preempted
+      # A failed background save stops the run within a step of the
+      # failure (multi-process: at the next point all processes share).
+      if single_process or sync_point:
+        ckpt.check_for_errors(collective=not single_process)
+      if sync_point:
         mean = _fetch_mean(pending)
         _check_finite(mean, window_start + 1, done, last_good)
         pending, window_start = [], done
