@@ -39,6 +39,24 @@ features of a small CNN trained on the train split by this project
 (`vdm/frechet.py`). That distance is NOT Inception FID and is not comparable
 to published FIDs; the table also gives its floor, train images vs test.
 
+The bpd and its terms are means over --num_draws draws of (t, eps) per test
+image (one draw's bpd is too noisy to tell the runs apart). The draws come
+in i.i.d. groups of config.eval.strata draws with stratified t
+(`train.eval_step`); the bpd's Monte Carlo standard error is the spread of
+the groups' split means over sqrt(groups). Every run is evaluated on the
+same draws (common random numbers: the draws' keys and times depend only on
+the eval seed, the draw and the batch), so the difference of two runs' bpd
+has the standard error of the per-group differences, far below either
+run's own. results.md
+lists the differences against the ELBO run and of each adaptive run against
+its fixed-schedule twin with that paired standard error and marks
+|difference| > 2 SE (significant at ~95%). These error bars cover the
+eval's Monte Carlo noise only: each objective is one trained model (one
+training seed), so they say whether two trained models differ, not how
+much another training seed would move them. A finished run whose stored
+result lacks this eval (or has other eval settings) is re-evaluated from
+its checkpoint on a rerun, without retraining or resampling.
+
 Plots (OUT/plots/): weightings.png (w(lambda) of every weighting, each
 normalised to max 1 on the plotted range), schedules.png (p(lambda) of the
 model's linear schedule (as learned by the ELBO run if learned), cosine,
@@ -77,6 +95,8 @@ import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from vdm import config_files  # pylint: disable=wrong-import-position
+from vdm import config_lib  # pylint: disable=wrong-import-position
+from vdm import evaluate  # pylint: disable=wrong-import-position
 from vdm import frechet  # pylint: disable=wrong-import-position
 from vdm import generation  # pylint: disable=wrong-import-position
 from vdm import input_pipeline  # pylint: disable=wrong-import-position
@@ -99,6 +119,7 @@ OBJECTIVES = {
 LAM_PLOT = np.linspace(-15.0, 15.0, 601)
 LAM_LOSS = np.linspace(-15.0, 15.0, 61)      # loss-vs-logsnr grid
 NUM_SNAPSHOTS_FRACTIONS = (1 / 32, 1 / 8, 1 / 2, 1.0)
+NUM_DRAWS = 256     # eval draws of (t, eps) per test example
 
 
 def run_names(selected: str | None) -> list[str]:
@@ -165,9 +186,38 @@ def snapshot_steps(steps: int) -> list[int]:
                  for f in NUM_SNAPSHOTS_FRACTIONS})
 
 
-def trained_to(workdir: str, step: int) -> bool:
-  """Whether a run reached `step` and wrote its final eval there."""
-  return os.path.exists(os.path.join(workdir, "eval", f"test_{step}.json"))
+def trained_to(config, workdir: str, step: int) -> bool:
+  """Whether a run of `config` reached `step` and wrote its final eval
+  there (the file `training_loop` names by `config_lib.eval_output`)."""
+  name, _ = config_lib.eval_output(config, "test", step)
+  return os.path.exists(os.path.join(workdir, "eval", f"{name}.json"))
+
+
+def with_num_draws(config, num_draws: int) -> ml_collections.ConfigDict:
+  """`config` evaluating `num_draws` draws of (t, eps) per test image.
+
+  Training keeps the one-draw final eval (cheap, and an adaptive run makes
+  one per segment); the study's K-draw eval runs once, after training.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.eval.num_draws = num_draws
+  return config
+
+
+def eval_settings(config) -> dict:
+  """What makes two runs' evals draw the same (t, eps): the eval seed, the
+  eval batch size (the batch index and the antithetic times across a batch
+  follow it), the number of draws and the draws per stratified group."""
+  opts = config_lib.eval_options(config)
+  return {"num_draws": int(opts["num_draws"]), "strata": int(opts["strata"]),
+          "eval_seed": int(config.training.eval_seed),
+          "eval_batch_size": int(config.training.eval_batch_size)}
+
+
+def has_eval(result: dict, config) -> bool:
+  """Whether a stored result holds the K-draw eval that `config` asks for."""
+  return "bpd_groups" in result and all(
+      result.get(k) == v for k, v in eval_settings(config).items())
 
 
 def train_run(config, workdir: str, adaptive: bool) -> float:
@@ -178,7 +228,7 @@ def train_run(config, workdir: str, adaptive: bool) -> float:
   start = time.time()
   steps = config.training.num_steps
   if not adaptive:
-    if not trained_to(workdir, steps):
+    if not trained_to(config, workdir, steps):
       training_loop.train_and_evaluate(config, workdir)
     return time.time() - start
   trainer = None
@@ -189,7 +239,7 @@ def train_run(config, workdir: str, adaptive: bool) -> float:
       continue
     segment = ml_collections.ConfigDict(config.to_dict())
     segment.training.num_steps = end
-    if not trained_to(workdir, end):
+    if not trained_to(segment, workdir, end):
       training_loop.train_and_evaluate(segment, workdir)
     trainer = trainer or training_loop.Trainer(config)
     state, step = training_loop.restore_for_inference(trainer, workdir)
@@ -201,18 +251,54 @@ def train_run(config, workdir: str, adaptive: bool) -> float:
   return time.time() - start
 
 
+def k_draw_eval(trainer, params, step: int, workdir: str) -> dict:
+  """The test eval with trainer.config.eval.num_draws draws, written to the
+  run's eval JSON (`config_lib.eval_output` names it); returns the fields
+  of a result that hold it."""
+  t0 = time.time()
+  record = trainer.evaluate(params)
+  seconds = time.time() - t0
+  name, produced_by = config_lib.eval_output(trainer.config, "test", step)
+  evaluate.write_eval_json(workdir, "test", step, record,
+                           dataset_version=trainer.ds.version, name=name,
+                           record=produced_by)
+  fields = {k: record[k] for k in ("bpd", "bpd_se", "bpd_recon", "bpd_prior",
+                                   "bpd_diff", "bpd_draws", "bpd_groups",
+                                   "num_groups", "num_examples")}
+  fields.update(eval_settings(trainer.config))
+  fields["eval_seconds"] = round(seconds, 1)     # compilation included
+  return fields
+
+
+def reevaluate(result: dict, config, workdir: str) -> dict:
+  """A finished run's stored result with the K-draw eval of `config` in
+  place of its old bpd fields (rewrites result.json)."""
+  trainer = training_loop.Trainer(config)
+  state, step = training_loop.restore_for_inference(trainer, workdir)
+  if step != result["step"]:
+    raise RuntimeError(f"{workdir}: result.json is of step {result['step']} "
+                       f"but the checkpoint of step {step}; remove the "
+                       "workdir and rerun.")
+  result.update(k_draw_eval(trainer, jax.device_get(state).ema_params, step,
+                            workdir))
+  with open(os.path.join(workdir, "result.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
 def finish_run(name: str, config, workdir: str, args, extractor,
                test_images: np.ndarray, train_seconds: float,
                run_start: float) -> dict:
-  """Eval JSON, samples, Frechet distance, loss-vs-lambda -> result.json."""
+  """K-draw eval, samples, Frechet distance, loss-vs-lambda -> result.json.
+
+  `config` is the run's with the study's eval (`with_num_draws`).
+  """
   trainer = training_loop.Trainer(config)
   state, step = training_loop.restore_for_inference(trainer, workdir)
   state = jax.device_get(state)
-  eval_path = os.path.join(workdir, "eval", f"test_{step}.json")
-  with open(eval_path) as f:
-    record = json.load(f)
   model = trainer.model
   params = state.ema_params
+  evaluated = k_draw_eval(trainer, params, step, workdir)
   sampler = generation.make_sampler(
       model, sampler="ancestral", num_steps=args.sampling_steps,
       num_samples=args.num_samples, decode="argmax", clip_x=True)
@@ -231,8 +317,7 @@ def finish_run(name: str, config, workdir: str, args, extractor,
       "run": name, "weighting": w_name, "weighting_kwargs": w_kwargs,
       "noise_schedule": config.model.noise_schedule,
       "noise_schedule_kwargs": config.model.noise_schedule_kwargs.to_dict(),
-      "step": step, "bpd": record["bpd"], "bpd_recon": record["bpd_recon"],
-      "bpd_prior": record["bpd_prior"], "bpd_diff": record["bpd_diff"],
+      "step": step, **evaluated,
       "fd_classifier": fd, "num_samples": int(samples.shape[0]),
       "sampling_steps": args.sampling_steps,
       "train_seconds": round(train_seconds, 1),
@@ -257,7 +342,44 @@ def _w(name: str):
   return weighting.get(w_name, **w_kwargs)
 
 
-def write_table(results: list[dict], out: str, meta: dict) -> str:
+def comparisons(names: list[str]) -> list[tuple[str, str]]:
+  """(run, reference) pairs to compare: every run against the ELBO run,
+  then each adaptive run against its fixed-schedule twin."""
+  pairs = [(n, "elbo") for n in names if n != "elbo" and "elbo" in names]
+  for name in names:
+    twin = name.removesuffix("_adaptive")
+    if twin != name and twin in names and (name, twin) not in pairs:
+      pairs.append((name, twin))
+  return pairs
+
+
+def paired_difference(run: dict, reference: dict) -> dict:
+  """bpd(run) - bpd(reference) on common random numbers.
+
+  Draw k of both evals used the same (t, eps), so their groups' bpd are
+  paired. The unit that is i.i.d. is the group, not the draw: the draws of
+  a group share stratified times (negatively correlated), while the groups
+  are independent (the antithetic times across a batch only stratify
+  within one draw). So the difference's standard error is the spread of the
+  R per-group differences over sqrt(R). 'se_unpaired' is what it would be
+  with independent draws for the two runs, sqrt(se_run^2 + se_reference^2).
+  """
+  for key in ("num_draws", "strata", "eval_seed", "eval_batch_size",
+              "num_examples"):
+    if run[key] != reference[key]:
+      raise ValueError(f"{run['run']} and {reference['run']} were evaluated "
+                       f"with {key} {run[key]} vs {reference[key]}: their "
+                       "draws are not paired.")
+  d = np.asarray(run["bpd_groups"]) - np.asarray(reference["bpd_groups"])
+  diff = float(d.mean())
+  se = float(d.std(ddof=1) / math.sqrt(d.size))
+  return {"run": run["run"], "reference": reference["run"], "diff": diff,
+          "se": se, "z": diff / se, "significant": bool(abs(diff) > 2 * se),
+          "se_unpaired": math.hypot(run["bpd_se"], reference["bpd_se"])}
+
+
+def write_table(results: list[dict], comparison: list[dict], out: str,
+                meta: dict) -> str:
   lines = [
       f"Dataset {meta['dataset']} ({meta['dataset_version']}), "
       f"{meta['steps']} steps x batch {meta['batch_size']} per run, "
@@ -265,17 +387,18 @@ def write_table(results: list[dict], out: str, meta: dict) -> str:
       f"wall time of the runs (training, eval, sampling, Frechet) "
       f"{meta['runs_wall_minutes']:.1f} min.",
       "",
-      "| run | w(lambda) | training p(lambda) | test bpd | recon | prior | "
-      "diff | Frechet dist. (classifier features, not FID) | train s |",
+      "| run | w(lambda) | training p(lambda) | test bpd ± SE | recon | "
+      "prior | diff | Frechet dist. (classifier features, not FID) | "
+      "train s |",
       "|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     kwargs = ", ".join(f"{k}={v}" for k, v in r["weighting_kwargs"].items())
     w_label = r["weighting"] + (f" ({kwargs})" if kwargs else "")
     lines.append(
         f"| {r['run']} | {w_label} | {r['noise_schedule']} | "
-        f"{r['bpd']:.4f} | {r['bpd_recon']:.4f} | {r['bpd_prior']:.4f} | "
-        f"{r['bpd_diff']:.4f} | {r['fd_classifier']:.2f} | "
-        f"{r['train_seconds']:.0f} |")
+        f"{r['bpd']:.4f} ± {r['bpd_se']:.4f} | {r['bpd_recon']:.4f} | "
+        f"{r['bpd_prior']:.4f} | {r['bpd_diff']:.4f} | "
+        f"{r['fd_classifier']:.2f} | {r['train_seconds']:.0f} |")
   lines += [
       "",
       f"Reference: Frechet distance of {meta['num_floor']} train images to "
@@ -283,7 +406,17 @@ def write_table(results: list[dict], out: str, meta: dict) -> str:
       f"categorical baseline {meta['baseline_bpd']:.4f} bpd, uniform "
       f"{meta['uniform_bpd']:.4f} bpd.",
       f"bpd: unweighted continuous-time ELBO with each model's own schedule "
-      f"on all {meta['num_test']} test examples (EMA params). Frechet "
+      f"on all {meta['num_test']} test examples (EMA params), the mean of "
+      f"{meta['num_draws']} draws of (t, eps) per example in "
+      f"{meta['num_groups']} i.i.d. groups of {meta['strata']} with "
+      f"stratified t (eval seed {meta['eval_seed']}, eval batch "
+      f"{meta['eval_batch_size']}); SE: its Monte Carlo standard error, sd "
+      f"of the groups' split means / sqrt({meta['num_groups']}). One draw's "
+      f"bpd (what a one-draw eval reports) has an sd of "
+      f"{meta['one_draw_sd_min']:.3f}-{meta['one_draw_sd_max']:.3f} bpd "
+      f"over the runs. The {meta['num_draws']}-draw eval took "
+      f"{meta['eval_seconds_min']:.1f}-{meta['eval_seconds_max']:.1f} s "
+      f"per run, compilation included. Frechet "
       f"distance: {meta['num_samples']} ancestral samples "
       f"({meta['sampling_steps']} steps) vs the test split in the "
       f"{meta['num_features']}-d features of a CNN trained on the train split"
@@ -291,7 +424,27 @@ def write_table(results: list[dict], out: str, meta: dict) -> str:
       + frechet.NOT_FID_NOTE,
       "train s: wall seconds of training incl. compilation; adaptive runs "
       "train in 4 segments (histogram snapshots), each compiling anew and "
-      "ending with a test eval."]
+      "ending with a test eval.",
+      "",
+      "Paired differences (common random numbers: every run saw the same "
+      f"{meta['num_draws']} draws of (t, eps) per test example). diff: "
+      "bpd(run) - bpd(reference), negative = run better; SE: sd of the "
+      f"{meta['num_groups']} per-group differences / sqrt"
+      f"({meta['num_groups']}); z = diff / SE; significant: |diff| > 2 SE "
+      "(~95% for one comparison; if no pair differed, "
+      f"{0.05 * len(comparison):.1f} of these {len(comparison)} would "
+      "cross it by chance on average); "
+      "SE unpaired: the SE with independent draws per run, for comparison. "
+      "The SEs are of the eval's Monte Carlo noise only (one trained model "
+      "per objective; training noise is not in them).",
+      "",
+      "| run | reference | diff (bpd) | SE | z | significant | SE unpaired |",
+      "|---|---|---|---|---|---|---|"]
+  for c in comparison:
+    lines.append(
+        f"| {c['run']} | {c['reference']} | {c['diff']:+.4f} | "
+        f"{c['se']:.4f} | {c['z']:+.1f} | "
+        f"{'yes' if c['significant'] else 'no'} | {c['se_unpaired']:.4f} |")
   path = os.path.join(out, "results.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -299,7 +452,7 @@ def write_table(results: list[dict], out: str, meta: dict) -> str:
     json.dump({"meta": meta, "runs": [
         {k: v for k, v in r.items() if k not in ("loss_logsnr",
                                                  "eps_mse_per_dim")}
-        for r in results]}, f, indent=2)
+        for r in results], "paired_differences": comparison}, f, indent=2)
   return path
 
 
@@ -471,15 +624,21 @@ def main(argv=None):
                       help="samples for the Frechet distance")
   parser.add_argument("--sampling_steps", type=int, default=250)
   parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+  parser.add_argument("--num_draws", type=int, default=NUM_DRAWS,
+                      help="draws of (t, eps) per test example in the bpd")
   args = parser.parse_args(argv)
   if args.steps < 1 or args.num_samples < 2 or args.sampling_steps < 1:
     parser.error("--steps and --sampling_steps must be >= 1 and "
                  "--num_samples >= 2")
   names = run_names(args.runs)
+  base = base_config(args.dataset, args.steps, args.batch_size)
+  strata = config_lib.eval_options(base)["strata"]
+  if args.num_draws < 2 * strata or args.num_draws % strata:
+    parser.error(f"--num_draws must be a multiple of eval.strata={strata} "
+                 "with at least two groups (the standard errors need two)")
   wall_start = time.time()
   out = os.path.abspath(args.out)
   os.makedirs(os.path.join(out, "plots"), exist_ok=True)
-  base = base_config(args.dataset, args.steps, args.batch_size)
   ds = input_pipeline.create(base.data.dataset)
   test_images = np.concatenate([b["image"][b["mask"]] for b in
                                 ds.eval_batches("test", batch_size=1000)])
@@ -488,22 +647,30 @@ def main(argv=None):
   for name in names:
     workdir = os.path.join(out, name)
     result_path = os.path.join(workdir, "result.json")
+    config = run_config(base, name)
+    eval_config = with_num_draws(config, args.num_draws)
     if os.path.exists(result_path):
       with open(result_path) as f:
         results[name] = json.load(f)
-      print(f"[{name}] done before: bpd {results[name]['bpd']:.4f}")
+      if not has_eval(results[name], eval_config):
+        print(f"[{name}] done before; evaluating its bpd with "
+              f"{args.num_draws} draws", flush=True)
+        results[name] = reevaluate(results[name], eval_config, workdir)
+      r = results[name]
+      print(f"[{name}] done before: bpd {r['bpd']:.4f} ± {r['bpd_se']:.4f}")
       continue
-    config = run_config(base, name)
     print(f"[{name}] weighting={config.model.weighting} "
           f"noise_schedule={config.model.noise_schedule} -> {workdir}",
           flush=True)
     run_start = time.time()
     seconds = train_run(config, workdir, name.endswith("_adaptive"))
-    results[name] = finish_run(name, config, workdir, args, extractor,
+    results[name] = finish_run(name, eval_config, workdir, args, extractor,
                                test_images, seconds, run_start)
     r = results[name]
-    print(f"[{name}] test bpd {r['bpd']:.4f}  Frechet (classifier) "
-          f"{r['fd_classifier']:.2f}  train {seconds:.0f}s", flush=True)
+    print(f"[{name}] test bpd {r['bpd']:.4f} ± {r['bpd_se']:.4f} "
+          f"({args.num_draws} draws, {r['eval_seconds']:.1f}s)  Frechet "
+          f"(classifier) {r['fd_classifier']:.2f}  train {seconds:.0f}s",
+          flush=True)
 
   train_images = np.concatenate([b["image"][b["mask"]] for b in
                                  ds.eval_batches("train", batch_size=1000)])
@@ -511,6 +678,9 @@ def main(argv=None):
   # is biased upwards by O(features / N), so N must match to compare).
   subset = train_images[np.random.default_rng(0).permutation(
       train_images.shape[0])[:args.num_samples]]
+  one_draw_sd = [float(np.std(r["bpd_draws"], ddof=1))
+                 for r in results.values()]
+  eval_seconds = [r["eval_seconds"] for r in results.values()]
   meta = {
       "dataset": ds.name, "dataset_version": ds.version,
       "steps": args.steps, "batch_size": base.training.batch_size,
@@ -529,11 +699,19 @@ def main(argv=None):
                  f"{jax.default_backend()}",
       "runs_wall_minutes": sum(r.get("run_seconds", math.nan)
                                for r in results.values()) / 60,
+      **eval_settings(with_num_draws(base, args.num_draws)),
+      "num_groups": args.num_draws // strata,
+      "one_draw_sd_min": min(one_draw_sd),
+      "one_draw_sd_max": max(one_draw_sd),
+      "eval_seconds_min": min(eval_seconds),
+      "eval_seconds_max": max(eval_seconds),
       "invocation_wall_minutes": (time.time() - wall_start) / 60,
       "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
   }
   ordered = [results[n] for n in names]
-  table = write_table(ordered, out, meta)
+  comparison = [paired_difference(results[a], results[b])
+                for a, b in comparisons(names)]
+  table = write_table(ordered, comparison, out, meta)
   plots = os.path.join(out, "plots")
   plot_weightings(os.path.join(plots, "weightings.png"))
   plot_schedules(os.path.join(plots, "schedules.png"), results, out, base,
