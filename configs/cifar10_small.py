@@ -18,6 +18,9 @@ def get_config():
   config.training.num_steps = 200
   config.training.log_every = 20
   config.training.eval_every = 0
+  # A smoke run: one draw over the 10,000 test images (16 would take ~16x
+  # as long on a CPU); no standard error is reported with one draw.
+  config.eval.num_draws = 1
   config.training.checkpoint_every = 100
   config.sampling.num_steps = 50
   config.sampling.num_samples = 16
