@@ -1,6 +1,6 @@
 """Tests for the K-draw ELBO eval: one draw is today's eval to the last bit;
-K draws give their mean and a Monte Carlo standard error that covers the
-truth."""
+K draws, in groups with stratified t, give their mean and a Monte Carlo
+standard error that covers the truth."""
 import math
 
 import jax
@@ -24,10 +24,18 @@ BATCH = {"image": X, "label": jnp.zeros((32,), jnp.int32),
 KEY = jax.random.key(5)
 
 
-def _step(num_draws, batch_index=0):
+# Independent t across the batch, so that the stratification across draws
+# is the only one (the default low-discrepancy t over the batch already
+# spreads a batch's times and leaves less for the draws to gain). Same net,
+# so PARAMS serve it too.
+INDEPENDENT_T = model_lib.Model(net=_NET, data_shape=(8,), vocab_size=17,
+                                schedule="fixed_linear", antithetic=False)
+
+
+def _step(num_draws, batch_index=0, *, model=MODEL, strata=1):
   return jax.device_get(jax.jit(lambda p, b: train.eval_step(
-      p, b, jnp.int32(batch_index), model=MODEL, eval_key=KEY,
-      num_draws=num_draws))(PARAMS, BATCH))
+      p, b, jnp.int32(batch_index), model=model, eval_key=KEY,
+      num_draws=num_draws, strata=strata))(PARAMS, BATCH))
 
 
 def test_one_draw_is_the_single_draw_eval_and_draw_zero_of_k():
@@ -143,3 +151,69 @@ def test_conditional_eval_is_marked_and_reports_the_null_label_bpd():
     assert float(jnp.sum(uncond)) != float(jnp.sum(cond))
     assert result["bpd_uncond"] == pytest.approx(
         float(np.mean(step_sums["uncond_total_draws"])) * to_bpd, rel=1e-6)
+
+
+# Draws in groups with stratified times: each draw is still unbiased, the
+# groups are i.i.d. and give the standard error.
+
+
+def test_draws_use_stratified_times_and_their_own_noise():
+  sums = _step(8, model=INDEPENDENT_T, strata=4)
+  key = jax.random.fold_in(KEY, 0)
+  keys = [key] + [jax.random.fold_in(key, k) for k in range(1, 8)]
+  expected = []
+  for k in range(8):
+    t_first = INDEPENDENT_T.elbo_times(keys[k - k % 4], 32)
+    t = jnp.mod(t_first + (k % 4) / 4, 1.0)
+    expected.append(float(jnp.sum(
+        INDEPENDENT_T.elbo_terms(PARAMS, X, None, keys[k], t)["total"])))
+  np.testing.assert_allclose(sums["total_draws"], expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      sums["total_groups"], np.reshape(expected, (2, 4)).mean(axis=1),
+      rtol=1e-5)
+  # Draw 0 is the single-draw eval; strata=1 gives independent draws.
+  np.testing.assert_allclose(sums["total_draws"][0],
+                             _step(1, model=INDEPENDENT_T, strata=4)["total"],
+                             rtol=1e-6)
+  independent = _step(8, model=INDEPENDENT_T)
+  np.testing.assert_allclose(independent["total_draws"], [
+      float(jnp.sum(INDEPENDENT_T.elbo_terms(PARAMS, X, None, k)["total"]))
+      for k in keys], rtol=1e-5)
+  np.testing.assert_allclose(independent["total_groups"],
+                             independent["total_draws"], rtol=1e-6)
+
+
+def test_stratified_groups_have_lower_variance_than_independent_draws():
+  stratified = _step(256, model=INDEPENDENT_T,
+                     strata=4)["total_groups"]           # 64 groups of 4
+  independent = _step(256, model=INDEPENDENT_T)["total_draws"]   # 256 draws
+  # Both estimate the same expectation ...
+  assert abs(stratified.mean() - independent.mean()) < 4 * math.sqrt(
+      stratified.var(ddof=1) / 64 + independent.var(ddof=1) / 256)
+  # ... and a group of 4 stratified draws beats the mean of 4 independent.
+  ratio = stratified.var(ddof=1) / (independent.var(ddof=1) / 4)
+  assert ratio < 0.5, ratio
+
+
+@pytest.mark.parametrize("num_draws,strata", [(6, 4), (4, 0), (2, 1.5)])
+def test_draws_must_fill_whole_groups(num_draws, strata):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  with pytest.raises(ValueError, match="strata="):
+    train.make_eval_step(INDEPENDENT_T, eval_seed=5, params_sharding=None,
+                         mesh=mesh, num_draws=num_draws, strata=strata)
+
+
+def test_standard_error_comes_from_the_groups():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  step = train.make_eval_step(INDEPENDENT_T, eval_seed=5, params_sharding=None,
+                              mesh=mesh, num_draws=8, strata=4)
+  result = evaluate.evaluate_split(step, PARAMS, _Split(), split="test",
+                                   batch_size=32, mesh=mesh, num_dims=8)
+  to_bpd = 1 / (32 * 8 * math.log(2))
+  groups = np.asarray(_step(8, model=INDEPENDENT_T,
+                            strata=4)["total_groups"]) * to_bpd
+  assert result["num_draws"] == 8 and result["num_groups"] == 2
+  np.testing.assert_allclose(result["bpd_groups"], groups, rtol=1e-5)
+  assert result["bpd"] == pytest.approx(groups.mean(), rel=1e-5)
+  assert result["bpd_se"] == pytest.approx(
+      groups.std(ddof=1) / math.sqrt(2), rel=1e-4)

@@ -26,7 +26,7 @@ def get_config():
   config.training.num_devices = 1
   config.optimizer.warmup_steps = 2
   # The system tests check plumbing, not bpd: one draw keeps every eval
-  # cheap (K stratified draws: tests/test_eval_strata.py).
+  # cheap (K stratified draws: tests/test_evaluate.py).
   config.eval.num_draws = 1
   config.sampling.num_samples = 4
   config.sampling.num_steps = 4
