@@ -85,7 +85,11 @@ def get_config():
   config.eval.ode_num_draws = 1           # ODE: importance-weighted draws
   config.eval.ode_rtol = 1e-5             # ODE solver tolerances
   config.eval.ode_atol = 1e-5
-  config.eval.num_examples = 0            # 0: whole split; N: its first N
+  config.eval.num_examples = 0            # 0: whole split; N: N spread over it
+  # ODE / 'both': the ODE on N examples spread over the split (0: the
+  # ELBO's), each paired with its ELBO; 'both' then estimates the ODE's bpd
+  # of the whole split by the difference estimator (docs/likelihood.md).
+  config.eval.ode_num_examples = 0
 
   config.sampling = ml_collections.ConfigDict()
   config.sampling.sampler = "ancestral"   # ancestral | ddim

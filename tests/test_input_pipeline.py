@@ -174,15 +174,30 @@ def test_eval_batches_cover_the_split_once_in_order(mnist, process_count):
 
 @pytest.mark.parametrize("limit,num", [(250, 250), (1000, 1000),
                                        (5000, 1000), (None, 1000)])
-def test_eval_batches_limit_takes_the_first_examples(mnist, limit, num):
+def test_eval_batches_limit_spreads_the_examples_over_the_split(mnist, limit,
+                                                                num):
   assert mnist.num_eval_examples("test", limit) == num
   batches = list(mnist.eval_batches("test", batch_size=96, limit=limit))
   assert len(batches) == math.ceil(num / 96)
   mask = np.concatenate([b["mask"] for b in batches])
   assert mask.sum() == num and mask[:num].all()
-  images = np.concatenate([b["image"] for b in batches])[:num]
-  np.testing.assert_array_equal(
-      images, mnist.read("test", np.arange(num))["image"])
+  indices = mnist.eval_indices("test", limit)
+  np.testing.assert_array_equal(indices, np.arange(0, 1000, 1000 // num))
+  rows = {k: np.concatenate([b[k] for b in batches])[:num]
+          for k in ("image", "label")}
+  expected = mnist.read("test", indices)
+  np.testing.assert_array_equal(rows["image"], expected["image"])
+  # mnist5k's test split is stored in class order, so the first 250 would
+  # be zeros and ones; the spread subset holds every class alike.
+  np.testing.assert_array_equal(np.bincount(rows["label"], minlength=10),
+                                np.full(10, num // 10))
+
+
+def test_eval_indices_of_a_size_that_does_not_divide(mnist):
+  indices = mnist.eval_indices("test", 16)   # 1000 / 16 = 62.5
+  assert indices.size == 16 and len(set(indices.tolist())) == 16
+  assert indices[0] == 0 and indices[-1] == (15 * 1000) // 16
+  assert np.all(np.diff(indices) >= 62) and np.all(np.diff(indices) <= 63)
 
 
 def test_flips_are_deterministic_and_mirror_images(mnist):

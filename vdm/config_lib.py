@@ -69,7 +69,7 @@ CHANGEABLE_FIELDS = (
 EVAL_DEFAULTS = {"estimator": "elbo", "num_draws": 1,
                  "dequantization": "truncated_normal", "ode_num_draws": 1,
                  "ode_rtol": 1e-5, "ode_atol": 1e-5, "num_examples": 0,
-                 "strata": 4}
+                 "strata": 4, "ode_num_examples": 0}
 ESTIMATORS = ("elbo", "ode", "both")
 
 
@@ -237,11 +237,20 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
           f"1 or a multiple of eval.strata={opts['strata']} (draws come in "
           "groups of eval.strata with stratified t; eval.strata=1 for "
           "independent draws)")
-  try:
-    checks.check_int("num_examples", opts["num_examples"], minimum=0)
-  except (TypeError, ValueError):
-    _fail("eval.num_examples", opts["num_examples"],
-          "an int >= 0 (0: the whole split; N: its first N examples)")
+  for field in ("num_examples", "ode_num_examples"):
+    try:
+      checks.check_int(field, opts[field], minimum=0)
+    except (TypeError, ValueError):
+      _fail(f"eval.{field}", opts[field],
+            "an int >= 0 (0: the whole split; N: N examples spread evenly "
+            "over it)" if field == "num_examples" else
+            "an int >= 0 (0: the examples of eval.num_examples; N: the ODE "
+            "on N examples spread evenly over the split)")
+  if opts["ode_num_examples"] and opts["num_examples"]:
+    _fail("eval.ode_num_examples", opts["ode_num_examples"],
+          f"0 while eval.num_examples={opts['num_examples']} (an ODE subset "
+          "is spread over the whole split, whose ELBO the difference "
+          "estimator needs: set eval.num_examples=0)")
   if opts["dequantization"] not in ("uniform", "truncated_normal"):
     _fail("eval.dequantization", opts["dequantization"],
           "'uniform' or 'truncated_normal'")
@@ -444,7 +453,7 @@ def eval_output(config: ml_collections.ConfigDict, split: str, step: int,
             "eval_batch_size": int(cfg.eval_batch_size)}
   if opts != EVAL_DEFAULTS:    # today's names for today's default eval
     record["eval"] = opts
-  subset = f"_first{opts['num_examples']}" if opts["num_examples"] else ""
+  subset = f"_subset{opts['num_examples']}" if opts["num_examples"] else ""
   name = (f"{split}{subset}_{int(step)}_{params}_{opts['estimator']}_seed"
           f"{cfg.eval_seed}_{_settings_hash(record)}")
   return name, record

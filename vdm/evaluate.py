@@ -23,8 +23,8 @@ TERMS = ("total", "recon", "prior", "diff")
 def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
                    mesh, num_dims: int, conditional: bool = False,
                    limit: int | None = None) -> dict:
-  """bpd and its terms over every example of `split` (or its first
-  `limit`; 'num_examples' in the result says how many).
+  """bpd and its terms over every example of `split` (or `limit` of them,
+  spread evenly over it; 'num_examples' in the result says how many).
 
   Args:
     eval_step: jitted (params, global_batch, batch_index) -> sums of the
@@ -82,7 +82,7 @@ def evaluate_split(eval_step, params, ds, *, split: str, batch_size: int,
 def evaluate_split_ode(ode_step, params, ds, *, split: str, batch_size: int,
                        mesh, num_dims: int, limit: int | None = None) -> dict:
   """bpd by the probability-flow ODE over every example of `split` (or
-  its first `limit`).
+  `limit` of them, spread evenly over it).
 
   Args:
     ode_step: jitted (params, global_batch, batch_index) -> {'ode_total',
@@ -94,26 +94,67 @@ def evaluate_split_ode(ode_step, params, ds, *, split: str, batch_size: int,
     mean over the split's examples (their spread holds the data's variation
     as well as the dequantisation and Hutchinson noise, so it bounds the
     Monte Carlo error from above); 'nfe': network evaluations per batch
-    (mean over batches, all draws); 'num_examples', 'split'}.
+    (mean over batches, all draws); 'num_examples', 'split'}; when the step
+    also pairs each example with its ELBO ('diff_total', see
+    `train.ode_eval_step`), 'bpd_ode_minus_elbo' and its standard error
+    over the examples, 'bpd_ode_minus_elbo_se'.
   """
   totals, nfes = _sum_over_split(ode_step, params, ds, split=split,
                                  batch_size=batch_size, mesh=mesh,
                                  per_batch="nfe", limit=limit)
   count = int(round(float(totals["count"])))
-  mean = float(totals["ode_total"]) / count
-  var = max(float(totals["ode_total_sq"]) / count - mean ** 2, 0.0)
   to_bpd = 1.0 / (num_dims * math.log(2.0))
-  return {"bpd_ode": mean * to_bpd,
-          "bpd_ode_se": (math.sqrt(var * count / (count - 1) / count) * to_bpd
-                         if count > 1 else None),
-          "nfe": float(np.mean(nfes)), "num_examples": count, "split": split}
+  result = {}
+  for name, key in (("bpd_ode", "ode_total"),
+                    ("bpd_ode_minus_elbo", "diff_total")):
+    if key in totals:
+      mean, se = _mean_and_se(totals[key], totals[f"{key}_sq"], count)
+      result[name] = mean * to_bpd
+      result[f"{name}_se"] = None if se is None else se * to_bpd
+  result.update(nfe=float(np.mean(nfes)), num_examples=count, split=split)
+  return result
+
+
+def difference_estimate(elbo: dict, ode: dict) -> dict:
+  """The ODE's bpd of the ELBO's examples, from the ODE on a subset of them.
+
+  bpd_ode(split) = bpd_elbo(split) + mean over the subset of (ODE - ELBO)
+  per example: the difference estimator of survey sampling. The ELBO over
+  every example is cheap; the paired difference varies far less from
+  image to image than either figure, so a small, evenly spread subset
+  (`input_pipeline.Dataset.eval_indices`) pins it down.
+
+  Args:
+    elbo: `evaluate_split`'s result ('bpd', 'bpd_se').
+    ode: `evaluate_split_ode`'s result with the paired difference.
+  Returns:
+    {'bpd_ode_estimate', 'bpd_ode_estimate_se'}: the standard error adds
+    the ELBO's Monte Carlo error and the difference's standard error over
+    the subset in quadrature (the two use independent draws); None when the
+    ELBO's error is unknown (one group of draws).
+  """
+  diff_se, elbo_se = ode["bpd_ode_minus_elbo_se"], elbo["bpd_se"]
+  return {"bpd_ode_estimate": elbo["bpd"] + ode["bpd_ode_minus_elbo"],
+          "bpd_ode_estimate_se": (
+              None if diff_se is None or elbo_se is None
+              else math.sqrt(diff_se ** 2 + elbo_se ** 2))}
+
+
+def _mean_and_se(total, total_sq, count: int) -> tuple[float, float | None]:
+  """Mean of per-example values from their sum and sum of squares, and
+  its standard error (None for one example)."""
+  mean = float(total) / count
+  if count < 2:
+    return mean, None
+  var = max(float(total_sq) / count - mean ** 2, 0.0) * count / (count - 1)
+  return mean, math.sqrt(var / count)
 
 
 def _sum_over_split(step, params, ds, *, split: str, batch_size: int, mesh,
                     per_batch: str | None = None,
                     limit: int | None = None) -> tuple[dict, list]:
-  """Sums `step`'s outputs over every batch of `split` (its first `limit`
-  examples when given) (host numpy).
+  """Sums `step`'s outputs over every batch of `split` (`limit` examples
+  spread over it when given) (host numpy).
 
   Returns:
     (totals, the `per_batch` output of each batch, kept apart, not summed).

@@ -236,6 +236,20 @@ class Dataset:
       num = min(num, checks.check_int("limit", limit, minimum=0))
     return num
 
+  def eval_indices(self, split: str, limit: int | None = None) -> np.ndarray:
+    """The indices of `split` that `eval_batches(split, limit=limit)`
+    visits, in order: all of them, or with `limit` N below the split's size
+    S, N spread evenly over it (index floor(i S / N), i < N).
+
+    Spread, not the first N: a split may be stored in class order (mnist5k's
+    test split is: 100 zeros, then 100 ones, ...), where the first N would
+    be one class; every (S / N)-th example is a systematic sample that
+    holds each stretch of the split alike.
+    """
+    size = self.num_examples(split)
+    num = self.num_eval_examples(split, limit)
+    return (np.arange(num, dtype=np.int64) * size) // num
+
   def num_eval_batches(self, split: str, *, batch_size: int,
                        limit: int | None = None) -> int:
     return math.ceil(self.num_eval_examples(split, limit)
@@ -247,25 +261,28 @@ class Dataset:
                    ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of `split` once, in index order, in global batches.
 
-    Global batch k holds examples [k * batch_size, (k + 1) * batch_size); the
-    last one is padded with zero images (label 0) whose mask is False. Every
+    Global batch k holds the visited examples [k * batch_size, (k + 1) *
+    batch_size) (the split's own indices without `limit`); the last one is
+    padded with zero images (label 0) whose mask is False. Every
     process yields num_eval_batches(split) batches of its rows. With
-    `limit` N (> 0), only the split's first N examples (for estimators too
-    slow for the whole split, e.g. the ODE on a CPU).
+    `limit` N (> 0), only N of the split's examples (for estimators too
+    slow for the whole split, e.g. the ODE on a CPU), spread evenly over
+    it (`eval_indices`).
 
     Yields:
       {'image': [b, *shape] `dtype`, 'label': [b] int32, 'mask': [b] bool},
       b = batch_size // process_count.
     """
     lo, hi = _local_rows(batch_size, process_index, process_count)
-    num = self.num_eval_examples(split, limit)
+    indices = self.eval_indices(split, limit)
+    num = indices.size
 
     def batches():
       for k in range(self.num_eval_batches(split, batch_size=batch_size,
                                            limit=limit)):
         positions = k * batch_size + np.arange(lo, hi, dtype=np.int64)
         mask = positions < num
-        real = self.read(split, positions[mask])
+        real = self.read(split, indices[positions[mask]])
         batch = {"image": np.zeros((hi - lo, *self.shape), self.dtype),
                  "label": np.zeros((hi - lo,), np.int32), "mask": mask}
         batch["image"][mask] = real["image"]

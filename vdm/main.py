@@ -118,9 +118,19 @@ def print_summary(ds, config, result: dict, workdir: str):
           f"{result['bpd_prior']:.4f}  diffusion {result['bpd_diff']:.4f}")
   if "bpd_ode" in result:
     print(f"  VDM by the probability-flow ODE ({result['dequantization']} "
-          f"dequantisation): {result['bpd_ode']:.4f} +- "
-          f"{result['bpd_ode_se'] or 0:.4f}, {result['nfe']:.0f} network "
-          "evaluations per batch")
+          f"dequantisation, {result['ode_num_examples']} examples): "
+          f"{result['bpd_ode']:.4f} +- {result['bpd_ode_se'] or 0:.4f}, "
+          f"{result['nfe']:.0f} network evaluations per batch")
+  if "bpd_ode_minus_elbo" in result:
+    print(f"  ODE minus ELBO, paired on those examples: "
+          f"{result['bpd_ode_minus_elbo']:+.4f} +- "
+          f"{result['bpd_ode_minus_elbo_se'] or 0:.4f}")
+  if "bpd_ode_estimate" in result:
+    se = result["bpd_ode_estimate_se"]
+    print(f"  ODE over all {result['num_examples']} examples, ELBO + that "
+          f"difference: {result['bpd_ode_estimate']:.4f}"
+          + (f" +- {se:.4f}" if se is not None else
+             " (error unknown: one group of ELBO draws)"))
   print(f"outputs in {workdir}: eval/*.json, samples/*.png, plots/*.png, "
         "TensorBoard events")
 

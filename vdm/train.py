@@ -260,25 +260,45 @@ def eval_step(params, batch: dict, batch_index: jax.Array, *,
       sums[f"{name}_draws"] = sums[name][None]
       sums[f"{name}_groups"] = sums[name][None]
   else:
-    if num_draws % strata:
-      raise ValueError(f"num_draws={num_draws} is not a multiple of "
-                       f"strata={strata}.")
-    keys = jnp.stack([key] + [jax.random.fold_in(key, k)
-                              for k in range(1, num_draws)])
-    num_groups = num_draws // strata
-    t_first = jax.vmap(model.elbo_times, in_axes=(0, None))(
-        keys[::strata], x.shape[0])                       # [R, B]
-    shifts = jnp.arange(strata, dtype=jnp.float32) / strata
-    times = jnp.mod(t_first[:, None, :] + shifts[None, :, None], 1.0)
-    per_draw = jax.lax.map(lambda a: draw_sums(*a),
-                           (keys, times.reshape(num_draws, -1)))
+    per_draw = jax.lax.map(lambda a: draw_sums(*a), _elbo_draws(
+        model, key, x.shape[0], num_draws, strata))
     sums = {k: jnp.mean(v) for k, v in per_draw.items()}
     for name in totals:
       sums[f"{name}_draws"] = per_draw[name]
       sums[f"{name}_groups"] = jnp.mean(
-          per_draw[name].reshape(num_groups, strata), axis=1)
+          per_draw[name].reshape(num_draws // strata, strata), axis=1)
   sums["count"] = jnp.sum(mask)
   return sums
+
+
+def _elbo_draws(model: model_lib.Model, key: jax.Array, batch_size: int,
+                num_draws: int, strata: int) -> tuple[jax.Array, jax.Array]:
+  """`eval_step`'s K > 1 draws of a batch: keys [K] (draw 0 is `key`, draw
+  k fold_in(key, k)) and times [K, B], stratified within each group of
+  `strata` draws."""
+  if num_draws % strata:
+    raise ValueError(f"num_draws={num_draws} is not a multiple of "
+                     f"strata={strata}.")
+  keys = jnp.stack([key] + [jax.random.fold_in(key, k)
+                            for k in range(1, num_draws)])
+  t_first = jax.vmap(model.elbo_times, in_axes=(0, None))(
+      keys[::strata], batch_size)                         # [R, B]
+  shifts = jnp.arange(strata, dtype=jnp.float32) / strata
+  times = jnp.mod(t_first[:, None, :] + shifts[None, :, None], 1.0)
+  return keys, times.reshape(num_draws, batch_size)
+
+
+def elbo_per_example(params, x: jax.Array, labels, key: jax.Array, *,
+                     model: model_lib.Model, num_draws: int = 1,
+                     strata: int = 1) -> jax.Array:
+  """[B] each example's ELBO total (nats), the mean of `eval_step`'s draws
+  for the batch key `key` (the same (t, eps))."""
+  if num_draws == 1:
+    return model.elbo_terms(params, x, labels, key)["total"]
+  per_draw = jax.lax.map(
+      lambda a: model.elbo_terms(params, x, labels, *a)["total"],
+      _elbo_draws(model, key, x.shape[0], num_draws, strata))
+  return jnp.mean(per_draw, axis=0)
 
 
 # The ODE eval's key stream, apart from the ELBO's draws of the same batch.
@@ -288,12 +308,21 @@ _ODE_STREAM = 0x0DE
 def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
                   model: model_lib.Model, eval_key: jax.Array,
                   dequantization: str, num_draws: int, rtol: float,
-                  atol: float) -> dict:
+                  atol: float, elbo_draws: int = 0,
+                  elbo_strata: int = 1) -> dict:
   """Sums over the real examples of -log P(x) (nats) by the probability-flow
   ODE (`likelihood.dequantized_log_likelihood`: its K-draw importance-
   weighted bound), their squares, 'count' and 'nfe' (this batch's network
   evaluations, all draws). The divergence is exact up to 64 dimensions
-  (toy data), Hutchinson's estimate with one Rademacher probe above."""
+  (toy data), Hutchinson's estimate with one Rademacher probe above.
+
+  With `elbo_draws` K > 0 also 'diff_total' and 'diff_total_sq': the sums
+  of each example's ODE figure minus its ELBO (`elbo_per_example`: the
+  mean of `eval_step`'s K draws of this batch, `elbo_strata` per group),
+  and of their squares. The two estimates of one image are strongly
+  correlated, so their paired difference is known far more precisely than
+  either mean over the images.
+  """
   key = jax.random.fold_in(jax.random.fold_in(eval_key, batch_index),
                            _ODE_STREAM)
   x = batch["image"].astype(jnp.int32)
@@ -305,9 +334,16 @@ def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
       num_draws=num_draws, rtol=rtol, atol=atol,
       divergence="exact" if model.num_dims <= 64 else "hutchinson")
   nats = -bound
-  return {"ode_total": jnp.sum(nats * mask),
+  sums = {"ode_total": jnp.sum(nats * mask),
           "ode_total_sq": jnp.sum(jnp.square(nats) * mask),
           "count": jnp.sum(mask), "nfe": nfe.astype(jnp.float32)}
+  if elbo_draws:
+    diff = nats - elbo_per_example(
+        params, x, labels, jax.random.fold_in(eval_key, batch_index),
+        model=model, num_draws=elbo_draws, strata=elbo_strata)
+    sums["diff_total"] = jnp.sum(diff * mask)
+    sums["diff_total_sq"] = jnp.sum(jnp.square(diff) * mask)
+  return sums
 
 
 # -------------------------------------------------------- step factories

@@ -94,7 +94,10 @@ class Trainer:
             eval_key=jax.random.key(config.training.eval_seed),
             dequantization=opts["dequantization"],
             num_draws=opts["ode_num_draws"], rtol=opts["ode_rtol"],
-            atol=opts["ode_atol"]),
+            atol=opts["ode_atol"],
+            # 'both': each example's ODE figure minus its ELBO, paired.
+            elbo_draws=opts["num_draws"] if opts["estimator"] == "both" else 0,
+            elbo_strata=opts["strata"] if opts["num_draws"] > 1 else 1),
         in_shardings=(self.state_sharding.ema_params, self.batch_sharding,
                       parallel.replicated(self.mesh)),
         out_shardings=parallel.replicated(self.mesh))
@@ -132,24 +135,38 @@ class Trainer:
   def evaluate(self, params, split: str = "test") -> dict:
     """bpd over the whole split (or config.eval.num_examples of it) by
     config.eval's estimator: 'elbo' (K draws), 'ode' ('bpd' is then the
-    ODE's, as 'bpd_ode') or 'both'."""
+    ODE's, as 'bpd_ode') or 'both'.
+
+    The ODE runs on config.eval.ode_num_examples of the split when that is
+    set (spread evenly over it), else on the ELBO's examples. With 'both'
+    it pairs each of its examples with their ELBO ('bpd_ode_minus_elbo'),
+    and when it ran on fewer examples than the ELBO, also gives the ODE's
+    bpd of all the ELBO's examples by the difference estimator
+    ('bpd_ode_estimate', `evaluate.difference_estimate`).
+    """
+    opts = self.eval_options
     kwargs = dict(split=split, mesh=self.mesh, num_dims=self.model.num_dims,
-                  batch_size=self.config.training.eval_batch_size,
-                  limit=self.eval_options["num_examples"] or None)
-    estimator = self.eval_options["estimator"]
+                  batch_size=self.config.training.eval_batch_size)
+    limit = opts["num_examples"] or None
+    estimator = opts["estimator"]
     result = {}
     if estimator in ("elbo", "both"):
       result = evaluate.evaluate_split(
           self.eval_step, params, self.ds,
-          conditional=self.model.num_classes > 0, **kwargs)
+          conditional=self.model.num_classes > 0, limit=limit, **kwargs)
     if estimator in ("ode", "both"):
-      ode = evaluate.evaluate_split_ode(self.ode_eval_step, params, self.ds,
-                                        **kwargs)
-      ode["dequantization"] = self.eval_options["dequantization"]
-      ode["ode_num_draws"] = self.eval_options["ode_num_draws"]
+      ode = evaluate.evaluate_split_ode(
+          self.ode_eval_step, params, self.ds,
+          limit=opts["ode_num_examples"] or limit, **kwargs)
+      ode["dequantization"] = opts["dequantization"]
+      ode["ode_num_draws"] = opts["ode_num_draws"]
+      ode["ode_num_examples"] = ode.pop("num_examples")
       if estimator == "ode":
         result = {"bpd": ode["bpd_ode"], "bpd_se": ode["bpd_ode_se"],
-                  "conditional": self.model.num_classes > 0}
+                  "conditional": self.model.num_classes > 0,
+                  "num_examples": ode["ode_num_examples"]}
+      elif ode["ode_num_examples"] < result["num_examples"]:
+        ode.update(evaluate.difference_estimate(result, ode))
       result.update(ode)
     result["estimator"] = estimator
     return result
