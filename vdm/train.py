@@ -319,9 +319,9 @@ def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
   With `elbo_draws` K > 0 also 'diff_total' and 'diff_total_sq': the sums
   of each example's ODE figure minus its ELBO (`elbo_per_example`: the
   mean of `eval_step`'s K draws of this batch, `elbo_strata` per group),
-  and of their squares. The two estimates of one image are strongly
-  correlated, so their paired difference is known far more precisely than
-  either mean over the images.
+  and of their squares. The two estimates of one image move together (a
+  detailed image costs more bits by both), so their paired difference
+  varies less over the images than either figure does.
   """
   key = jax.random.fold_in(jax.random.fold_in(eval_key, batch_index),
                            _ODE_STREAM)
