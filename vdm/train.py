@@ -239,7 +239,7 @@ def eval_step(params, batch: dict, batch_index: jax.Array, *,
   null label: 'uncond_total' (and 'uncond_total_draws', '..._groups') is
   -log p(x) under it, on the same draws (common random numbers).
   """
-  key = jax.random.fold_in(eval_key, batch_index)
+  key = _batch_key(eval_key, batch_index)
   x = batch["image"].astype(jnp.int32)
   labels = batch["label"] if model.num_classes else None
   mask = batch["mask"].astype(jnp.float32)
@@ -269,6 +269,13 @@ def eval_step(params, batch: dict, batch_index: jax.Array, *,
           per_draw[name].reshape(num_draws // strata, strata), axis=1)
   sums["count"] = jnp.sum(mask)
   return sums
+
+
+def _batch_key(eval_key: jax.Array, batch_index: jax.Array) -> jax.Array:
+  """The key of eval batch `batch_index`: `eval_step`'s draw 0, and the
+  root of the ODE step's keys and of its paired ELBO draws (which must be
+  `eval_step`'s, so both derive it here)."""
+  return jax.random.fold_in(eval_key, batch_index)
 
 
 def _elbo_draws(model: model_lib.Model, key: jax.Array, batch_size: int,
@@ -323,8 +330,7 @@ def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
   detailed image costs more bits by both), so their paired difference
   varies less over the images than either figure does.
   """
-  key = jax.random.fold_in(jax.random.fold_in(eval_key, batch_index),
-                           _ODE_STREAM)
+  key = jax.random.fold_in(_batch_key(eval_key, batch_index), _ODE_STREAM)
   x = batch["image"].astype(jnp.int32)
   labels = batch["label"] if model.num_classes else None
   mask = batch["mask"].astype(jnp.float32)
@@ -339,8 +345,7 @@ def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
           "count": jnp.sum(mask), "nfe": nfe.astype(jnp.float32)}
   if elbo_draws:
     diff = nats - elbo_per_example(
-        params, x, labels, jax.random.fold_in(eval_key, batch_index),
-        model=model, num_draws=elbo_draws, strata=elbo_strata)
+        params, x, labels, _batch_key(eval_key, batch_index), model=model, num_draws=elbo_draws, strata=elbo_strata)
     sums["diff_total"] = jnp.sum(diff * mask)
     sums["diff_total_sq"] = jnp.sum(jnp.square(diff) * mask)
   return sums

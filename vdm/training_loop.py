@@ -79,15 +79,13 @@ class Trainer:
         batch_sharding=self.batch_sharding,
         # Older run configs lack the field: one pass per batch.
         grad_accum_steps=config.training.get("grad_accum_steps", 1))
-    self.eval_options = config_lib.eval_options(config)
+    self.eval_options = opts = config_lib.eval_options(config)
+    strata = opts["strata"] if opts["num_draws"] > 1 else 1
     self.eval_step = train.make_eval_step(
         self.model, eval_seed=config.training.eval_seed,
         params_sharding=self.state_sharding.ema_params, mesh=self.mesh,
         batch_sharding=self.batch_sharding,
-        num_draws=self.eval_options["num_draws"],
-        strata=(self.eval_options["strata"]
-                if self.eval_options["num_draws"] > 1 else 1))
-    opts = self.eval_options
+        num_draws=opts["num_draws"], strata=strata)
     self.ode_eval_step = runtime.jit(
         functools.partial(
             train.ode_eval_step, model=self.model,
@@ -97,7 +95,7 @@ class Trainer:
             atol=opts["ode_atol"],
             # 'both': each example's ODE figure minus its ELBO, paired.
             elbo_draws=opts["num_draws"] if opts["estimator"] == "both" else 0,
-            elbo_strata=opts["strata"] if opts["num_draws"] > 1 else 1),
+            elbo_strata=strata),
         in_shardings=(self.state_sharding.ema_params, self.batch_sharding,
                       parallel.replicated(self.mesh)),
         out_shardings=parallel.replicated(self.mesh))
