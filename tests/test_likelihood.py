@@ -113,6 +113,14 @@ def test_hutchinson_mean_matches_exact_within_standard_error():
   se = est.std(ddof=1) / math.sqrt(est.size)
   assert se > 1e-3          # the probes do vary
   assert abs(est.mean() - float(exact[0])) < 3.5 * se
+  # P probes average P independent estimates: the variance falls as 1 / P
+  # (4 probes: 0.25 of one probe's; 127 degrees of freedom each side).
+  est_4, _ = likelihood.ode_log_density(
+      EPS_FN, linear, z, divergence="hutchinson", key=jax.random.key(4),
+      num_probes=4)
+  est_4 = np.asarray(est_4, np.float64)
+  assert 0.12 < est_4.var(ddof=1) / est.var(ddof=1) < 0.5
+  assert abs(est_4.mean() - float(exact[0])) < 3.5 * se
 
 
 def test_bad_arguments_fail_clearly():
@@ -172,6 +180,32 @@ def reference_bound(x, key, dequantization, num_draws, gamma_0):
   log_w = np.stack(log_w)
   peak = log_w.max(axis=0)
   return peak + np.log(np.mean(np.exp(log_w - peak), axis=0))
+
+
+@pytest.mark.parametrize("dequantization", ["uniform", "truncated_normal"])
+def test_dequantize_stays_in_the_bin_with_its_density(dequantization):
+  # z lies in the bin of x (scaled by alpha_0 for the truncated normal), and
+  # log q is the density of z under the law it was drawn from, by scipy.
+  x = np.array([[0, 7, 15], [3, 10, 12]] * 50)
+  z, log_q = likelihood.dequantize(jnp.asarray(x), V, G0_TN,
+                                   jax.random.key(3),
+                                   dequantization=dequantization)
+  z = np.asarray(z, np.float64)
+  a0, s0 = [float(v) for v in process.alpha_sigma(G0_TN)]
+  f = 2 * (x + 0.5) / V - 1
+  if dequantization == "uniform":
+    scale, want = 1.0, np.sum(stats.uniform(f - 1 / V, 2 / V).logpdf(z), 1)
+  else:
+    tau = a0 / (V * s0)
+    scale = a0
+    want = np.sum(stats.truncnorm(-tau, tau, loc=a0 * f, scale=s0).logpdf(z),
+                  axis=1)
+  assert np.all(np.abs(z - scale * f) <= scale / V * (1 + 1e-5))
+  assert np.all(np.isfinite(want))
+  np.testing.assert_allclose(np.asarray(log_q), want, rtol=1e-5, atol=1e-3)
+  with pytest.raises(ValueError, match="dequantization"):
+    likelihood.dequantize(jnp.asarray(x), V, G0_TN, jax.random.key(3),
+                          dequantization="gaussian")
 
 
 @pytest.mark.parametrize("dequantization", ["uniform", "truncated_normal"])

@@ -205,6 +205,48 @@ def ode_log_density(eps_fn: process.EpsFn, gamma_fn: process.GammaFn,
   return log_prior + integral, jnp.asarray(nfe, jnp.int32)
 
 
+def dequantize(x: jax.typing.ArrayLike, vocab_size: int,
+               gamma_0: jax.typing.ArrayLike, key: jax.Array, *,
+               dequantization: str = "truncated_normal"
+               ) -> tuple[jax.Array, jax.Array]:
+  """One draw z ~ q(z | x) inside the bin of x, and log q(z | x) (module doc).
+
+  Args:
+    x: [B, ...] integers in [0, vocab_size).
+    vocab_size: V, the number of levels.
+    gamma_0: [] the model's gamma(0) ('truncated_normal' noises with the
+      diffusion's own alpha_0, sigma_0; 'uniform' ignores it).
+    key: a `jax.random.key` for the noise.
+    dequantization: 'uniform' or 'truncated_normal'.
+  Returns:
+    (z [B, ...] float32 in the bins of x, log_q [B] float32 nats).
+  """
+  _check_choice("dequantization", dequantization, DEQUANTIZATIONS)
+  vocab_size = checks.check_int("vocab_size", vocab_size, minimum=2)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"x must hold integer levels in [0, {vocab_size}); got "
+                    f"dtype {x.dtype}.")
+  f = 2.0 * (x.astype(jnp.float32) + 0.5) / vocab_size - 1.0
+  batch, num_dims = f.shape[0], math.prod(f.shape[1:])
+  if dequantization == "uniform":
+    u = jax.random.uniform(key, f.shape, minval=-1.0 / vocab_size,
+                           maxval=1.0 / vocab_size)
+    log_q = jnp.full((batch,), num_dims * math.log(vocab_size / 2.0))
+    return f + u, log_q
+  gamma_0 = jnp.asarray(gamma_0, jnp.float32)
+  alpha_0, sigma_0 = process.alpha_sigma(gamma_0)
+  log_sigma_0 = process.log_alpha_sigma(gamma_0)[1]
+  # Half a bin in z-space is alpha_0 / V: the noise stays inside it.
+  tau = alpha_0 / (vocab_size * sigma_0)
+  eps = jax.random.truncated_normal(key, -tau, tau, f.shape)
+  log_mass = jnp.log(jax.scipy.special.erf(tau / math.sqrt(2.0)))
+  log_q = (-0.5 * jnp.sum(jnp.reshape(jnp.square(eps), (batch, -1)), axis=1)
+           - num_dims * (0.5 * math.log(2 * math.pi) + log_sigma_0
+                         + log_mass))
+  return alpha_0 * f + sigma_0 * eps, log_q
+
+
 def dequantized_log_likelihood(eps_fn: process.EpsFn,
                                gamma_fn: process.GammaFn,
                                x: jax.typing.ArrayLike, vocab_size: int,
@@ -219,7 +261,7 @@ def dequantized_log_likelihood(eps_fn: process.EpsFn,
   """A lower bound on log P(x) of discrete data by the ODE (module doc).
 
   log mean_k exp(log p_t0(z_k) - log q(z_k | x)) over `num_draws` draws z_k
-  of the dequantising q: the importance-weighted bound, in nats, the ODE's
+  of the dequantising q (`dequantize`): the importance-weighted bound, in nats, the ODE's
   log density `ode_log_density` with t0 = 0, t1 = 1. Bits per dim are
   -bound / (D log 2). Draws are solved one after another (`lax.map`), each
   for the whole batch.
@@ -236,36 +278,13 @@ def dequantized_log_likelihood(eps_fn: process.EpsFn,
   Returns:
     (bound [B] float32 nats, nfe [] int32: the evaluations of all K solves).
   """
-  _check_choice("dequantization", dequantization, DEQUANTIZATIONS)
   num_draws = checks.check_int("num_draws", num_draws, minimum=1)
-  vocab_size = checks.check_int("vocab_size", vocab_size, minimum=2)
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise TypeError(f"x must hold integer levels in [0, {vocab_size}); got "
-                    f"dtype {x.dtype}.")
-  f = 2.0 * (x.astype(jnp.float32) + 0.5) / vocab_size - 1.0
-  num_dims = math.prod(x.shape[1:])
   gamma_0 = jnp.reshape(gamma_fn(jnp.zeros((1,), jnp.float32)), ())
-  alpha_0, sigma_0 = process.alpha_sigma(gamma_0)
-  log_sigma_0 = process.log_alpha_sigma(gamma_0)[1]
-  # Half a bin in z-space is alpha_0 / V: the noise stays inside it.
-  tau = alpha_0 / (vocab_size * sigma_0)
 
   def one_draw(key_k):
     key_noise, key_probe = jax.random.split(key_k)
-    if dequantization == "uniform":
-      u = jax.random.uniform(key_noise, f.shape, minval=-1.0 / vocab_size,
-                             maxval=1.0 / vocab_size)
-      z = f + u
-      log_q = jnp.full((f.shape[0],), num_dims * math.log(vocab_size / 2.0))
-    else:
-      eps = jax.random.truncated_normal(key_noise, -tau, tau, f.shape)
-      z = alpha_0 * f + sigma_0 * eps
-      log_mass = jnp.log(jax.scipy.special.erf(tau / math.sqrt(2.0)))
-      log_q = (-0.5 * jnp.sum(jnp.reshape(jnp.square(eps), (f.shape[0], -1)),
-                              axis=1)
-               - num_dims * (0.5 * math.log(2 * math.pi) + log_sigma_0
-                             + log_mass))
+    z, log_q = dequantize(x, vocab_size, gamma_0, key_noise,
+                          dequantization=dequantization)
     logp, nfe = ode_log_density(
         eps_fn, gamma_fn, z, t0=0.0, t1=1.0, key=key_probe,
         divergence=divergence, num_probes=num_probes, rtol=rtol, atol=atol,
