@@ -83,6 +83,7 @@ def get_config():
   config.eval.strata = 4
   config.eval.dequantization = "truncated_normal"  # ODE: | uniform
   config.eval.ode_num_draws = 1           # ODE: importance-weighted draws
+  config.eval.ode_num_probes = 1          # ODE: Hutchinson probes per image
   config.eval.ode_rtol = 1e-5             # ODE solver tolerances
   config.eval.ode_atol = 1e-5
   config.eval.num_examples = 0            # 0: whole split; N: N spread over it

@@ -46,6 +46,7 @@ def test_ode_bpd_of_a_briefly_trained_toy_model_is_finite_with_nfe(
   assert math.isfinite(result["bpd_ode"]) and result["bpd_ode_se"] > 0
   assert result["nfe"] >= 7 and result["nfe"] == int(result["nfe"])
   assert result["dequantization"] == "truncated_normal"
+  assert result["ode_num_draws"] == 1 and result["ode_num_probes"] == 1
   assert result["num_draws"] == 2 and result["bpd_se"] > 0
   # Both bound log P(x) <= 0 from below: bits/dim > 0. (A 40-step model is
   # still near its init: measured 9.06 by the ELBO and 8.39 by the ODE.)
@@ -105,6 +106,7 @@ def test_the_ode_on_a_subset_estimates_the_whole_split(briefly_trained):
     ("ode_num_examples", -1, r"an int >= 0 \(0: the examples of"),
     ("num_draws", 6, r"1 or a multiple of eval.strata=4"),
     ("strata", 0, "an int > 0"),
+    ("ode_num_probes", 0, "an int > 0"),
 ])
 def test_eval_fields_are_validated(field, value, match):
   config = _toy_config(**{field: value})
@@ -128,6 +130,8 @@ def test_eval_settings_name_the_eval_file_and_may_change_on_a_run():
   name, record = config_lib.eval_output(ode, "test", 10)
   assert name.startswith("test_10_ema_ode_seed1_")
   assert record["eval"]["ode_num_draws"] == 4
+  probes = _toy_config(estimator="ode", ode_num_draws=4, ode_num_probes=2)
+  assert config_lib.eval_output(probes, "test", 10)[0] != name
   assert "eval" not in config_lib.eval_output(default, "test", 10)[1]
   config_lib.check_changes(default, ode, "/tmp/run")   # no error
 

@@ -68,6 +68,7 @@ CHANGEABLE_FIELDS = (
 # without the group (runs from before it) gets these.
 EVAL_DEFAULTS = {"estimator": "elbo", "num_draws": 1,
                  "dequantization": "truncated_normal", "ode_num_draws": 1,
+                 "ode_num_probes": 1,
                  "ode_rtol": 1e-5, "ode_atol": 1e-5, "num_examples": 0,
                  "strata": 4, "ode_num_examples": 0}
 ESTIMATORS = ("elbo", "ode", "both")
@@ -223,7 +224,7 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
   opts = eval_options(config)
   if opts["estimator"] not in ESTIMATORS:
     _fail("eval.estimator", opts["estimator"], f"one of {', '.join(ESTIMATORS)}")
-  for field in ("num_draws", "ode_num_draws"):
+  for field in ("num_draws", "ode_num_draws", "ode_num_probes"):
     try:
       checks.check_int(field, opts[field], minimum=1)
     except (TypeError, ValueError):

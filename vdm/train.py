@@ -315,13 +315,15 @@ _ODE_STREAM = 0x0DE
 def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
                   model: model_lib.Model, eval_key: jax.Array,
                   dequantization: str, num_draws: int, rtol: float,
-                  atol: float, elbo_draws: int = 0,
+                  atol: float, num_probes: int = 1, elbo_draws: int = 0,
                   elbo_strata: int = 1) -> dict:
   """Sums over the real examples of -log P(x) (nats) by the probability-flow
   ODE (`likelihood.dequantized_log_likelihood`: its K-draw importance-
   weighted bound), their squares, 'count' and 'nfe' (this batch's network
   evaluations, all draws). The divergence is exact up to 64 dimensions
-  (toy data), Hutchinson's estimate with one Rademacher probe above.
+  (toy data), Hutchinson's estimate with `num_probes` Rademacher probes
+  above (each evaluation then takes one forward pass and `num_probes`
+  vjps).
 
   With `elbo_draws` K > 0 also 'diff_total' and 'diff_total_sq': the sums
   of each example's ODE figure minus its ELBO (`elbo_per_example`: the
@@ -337,7 +339,7 @@ def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
   bound, nfe = likelihood.dequantized_log_likelihood(
       model.eps_fn(params, labels), model.gamma_fn(params), x,
       model.vocab_size, key, dequantization=dequantization,
-      num_draws=num_draws, rtol=rtol, atol=atol,
+      num_draws=num_draws, num_probes=num_probes, rtol=rtol, atol=atol,
       divergence="exact" if model.num_dims <= 64 else "hutchinson")
   nats = -bound
   sums = {"ode_total": jnp.sum(nats * mask),
@@ -345,7 +347,8 @@ def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
           "count": jnp.sum(mask), "nfe": nfe.astype(jnp.float32)}
   if elbo_draws:
     diff = nats - elbo_per_example(
-        params, x, labels, _batch_key(eval_key, batch_index), model=model, num_draws=elbo_draws, strata=elbo_strata)
+        params, x, labels, _batch_key(eval_key, batch_index), model=model,
+        num_draws=elbo_draws, strata=elbo_strata)
     sums["diff_total"] = jnp.sum(diff * mask)
     sums["diff_total_sq"] = jnp.sum(jnp.square(diff) * mask)
   return sums

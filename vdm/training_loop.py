@@ -91,7 +91,8 @@ class Trainer:
             train.ode_eval_step, model=self.model,
             eval_key=jax.random.key(config.training.eval_seed),
             dequantization=opts["dequantization"],
-            num_draws=opts["ode_num_draws"], rtol=opts["ode_rtol"],
+            num_draws=opts["ode_num_draws"],
+            num_probes=opts["ode_num_probes"], rtol=opts["ode_rtol"],
             atol=opts["ode_atol"],
             # 'both': each example's ODE figure minus its ELBO, paired.
             elbo_draws=opts["num_draws"] if opts["estimator"] == "both" else 0,
@@ -158,6 +159,7 @@ class Trainer:
           limit=opts["ode_num_examples"] or limit, **kwargs)
       ode["dequantization"] = opts["dequantization"]
       ode["ode_num_draws"] = opts["ode_num_draws"]
+      ode["ode_num_probes"] = opts["ode_num_probes"]
       ode["ode_num_examples"] = ode.pop("num_examples")
       if estimator == "ode":
         result = {"bpd": ode["bpd_ode"], "bpd_se": ode["bpd_ode_se"],
