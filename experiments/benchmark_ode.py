@@ -1,4 +1,4 @@
-r"""ODE eval throughput of a trained run: images/s, network evaluations, per probe count.
+r"""ODE eval throughput of a trained run: images/s and NFE per probe count.
 
   make demo      # trains runs/demo, the demo's model
   python experiments/benchmark_ode.py --workdir=runs/demo --batch_size=8 \
@@ -27,7 +27,7 @@ import _bench
 
 sys.path.insert(0, _bench.REPO)
 
-from vdm import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vdm import runtime  # pylint: disable=wrong-import-position
 
 
 def main():

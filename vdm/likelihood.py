@@ -261,10 +261,10 @@ def dequantized_log_likelihood(eps_fn: process.EpsFn,
   """A lower bound on log P(x) of discrete data by the ODE (module doc).
 
   log mean_k exp(log p_t0(z_k) - log q(z_k | x)) over `num_draws` draws z_k
-  of the dequantising q (`dequantize`): the importance-weighted bound, in nats, the ODE's
-  log density `ode_log_density` with t0 = 0, t1 = 1. Bits per dim are
-  -bound / (D log 2). Draws are solved one after another (`lax.map`), each
-  for the whole batch.
+  of the dequantising q (`dequantize`): the importance-weighted bound, in
+  nats, the ODE's log density `ode_log_density` with t0 = 0, t1 = 1. Bits
+  per dim are -bound / (D log 2). Draws are solved one after another
+  (`lax.map`), each for the whole batch.
 
   Args:
     eps_fn, gamma_fn: the model (see `ode_log_density`).
