@@ -48,6 +48,40 @@ def test_channel_parts_equal_the_concatenated_input():
                                atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv3x3_gradients_equal_autodiff_also_inside_a_loop(dtype):
+  # conv3x3_same writes the input's gradient as a forward convolution with
+  # the flipped kernel: the same numbers as autodiff of lax's convolution,
+  # alone and inside a fori_loop (where it is there to be faster).
+  rs = np.random.RandomState(5)
+  x = jnp.asarray(rs.normal(size=(2, 7, 6, 5)), dtype)
+  kernel = jnp.asarray(rs.normal(size=(3, 3, 5, 4)) * 0.3, dtype)
+  d_out = jnp.asarray(rs.normal(size=(2, 7, 6, 4)), dtype)
+  plain = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def grads(conv, x):
+    out, vjp = jax.vjp(conv, x, kernel)
+    return (out,) + vjp(d_out)
+
+  tol = 2e-2                       # bfloat16
+  want = jax.jit(lambda x: grads(plain, x))(x)
+  got = jax.jit(lambda x: grads(parts.conv3x3_same, x))(x)
+  # In a loop: iteration i takes (i + 1) x; the last one's are 2 x's.
+  looped = jax.jit(lambda x: jax.lax.fori_loop(
+      0, 2, lambda i, c: grads(parts.conv3x3_same,
+                               x * (i + 1).astype(x.dtype)),
+      grads(plain, x)))(x)
+  want_2 = jax.jit(lambda x: grads(plain, 2 * x))(x)
+  for g, w in zip(got + looped, want + want_2):
+    if dtype == jnp.float32:             # float32: the same bits
+      np.testing.assert_array_equal(g, w)
+      continue
+    scale = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(g, np.float32),
+                               np.asarray(w, np.float32), atol=tol * scale)
+
+
 def test_conv3x3_and_dense_initialise_as_flax():
   # Same parameter names, shapes and initial values as flax.linen's modules:
   # checkpoints and the official-weights mapping stay valid.
