@@ -70,7 +70,9 @@ def conv3x3_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   as autodiff's transposed convolution: tested bit for bit). Inside a while
   loop, e.g. the probability-flow ODE's solver calling a vjp of the network
   at every step, XLA:CPU ran autodiff's transposed convolution 2.6 times
-  slower than this form, and the same outside a loop (docs/performance.md).
+  slower than this form; outside a loop the two take the same time
+  (docs/performance.md). Reverse mode only, as the network's other
+  custom-gradient kernels (GroupNorm, attention).
   """
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                       dimension_numbers=_NHWC)
