@@ -13,8 +13,11 @@ this script measures each part of var(d_i), in (bits/dim)^2:
   draw 1, probes 2; (C) draw 2, probes 3. Hutchinson's variance is
   mean_i (A_i - B_i)^2 / 2, the ODE's whole Monte Carlo variance
   mean_i (A_i - C_i)^2 / 2;
-- the ELBO by R groups of S draws with t stratified per image (the eval's
-  estimator, t_j = mod(u + j / S, 1)): its variance at K draws is
+- the ELBO by R groups of S draws with t stratified per image, t_j =
+  mod(u + j / S, 1) with one u ~ U(0, 1) per image and group, as
+  experiments/eval_variance.py draws them (the eval's `train.eval_step`
+  also spreads u over the batch, `model.elbo_times`; each image's t is
+  U(0, 1) either way): its variance at K draws is
   mean_i var_r(group means)_i / (K / S);
 - var_i(d_i) with the ODE's solve A and the ELBO of the eval's K draws
   (the first K / S groups), and what the Monte Carlo parts leave of it: the
