@@ -86,6 +86,7 @@ def get_config():
   config.eval.ode_num_probes = 1          # ODE: Hutchinson probes per image
   config.eval.ode_rtol = 1e-5             # ODE solver tolerances
   config.eval.ode_atol = 1e-5
+  config.eval.ode_error_norm = "separate"  # ODE: | joint (scipy's, 1e-4 biased)
   config.eval.num_examples = 0            # 0: whole split; N: N spread over it
   # ODE / 'both': the ODE on N examples spread over the split (0: the
   # ELBO's), each paired with its ELBO; 'both' then estimates the ODE's bpd

@@ -47,6 +47,7 @@ def test_ode_bpd_of_a_briefly_trained_toy_model_is_finite_with_nfe(
   assert result["nfe"] >= 7 and result["nfe"] == int(result["nfe"])
   assert result["dequantization"] == "truncated_normal"
   assert result["ode_num_draws"] == 1 and result["ode_num_probes"] == 1
+  assert result["ode_error_norm"] == "separate" and result["ode_rtol"] == 1e-3
   assert result["num_draws"] == 2 and result["bpd_se"] > 0
   # Both bound log P(x) <= 0 from below: bits/dim > 0. (A 40-step model is
   # still near its init: measured 9.06 by the ELBO and 8.39 by the ODE.)
@@ -107,6 +108,7 @@ def test_the_ode_on_a_subset_estimates_the_whole_split(briefly_trained):
     ("num_draws", 6, r"1 or a multiple of eval.strata=4"),
     ("strata", 0, "an int > 0"),
     ("ode_num_probes", 0, "an int > 0"),
+    ("ode_error_norm", "rms", "'separate' .* or 'joint'"),
 ])
 def test_eval_fields_are_validated(field, value, match):
   config = _toy_config(**{field: value})

@@ -69,7 +69,8 @@ CHANGEABLE_FIELDS = (
 EVAL_DEFAULTS = {"estimator": "elbo", "num_draws": 1,
                  "dequantization": "truncated_normal", "ode_num_draws": 1,
                  "ode_num_probes": 1,
-                 "ode_rtol": 1e-5, "ode_atol": 1e-5, "num_examples": 0,
+                 "ode_rtol": 1e-5, "ode_atol": 1e-5,
+                 "ode_error_norm": "separate", "num_examples": 0,
                  "strata": 4, "ode_num_examples": 0}
 ESTIMATORS = ("elbo", "ode", "both")
 
@@ -255,6 +256,11 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
   if opts["dequantization"] not in ("uniform", "truncated_normal"):
     _fail("eval.dequantization", opts["dequantization"],
           "'uniform' or 'truncated_normal'")
+  if opts["ode_error_norm"] not in ("separate", "joint"):
+    _fail("eval.ode_error_norm", opts["ode_error_norm"],
+          "'separate' (z and the log-density integral each meet the "
+          "tolerance) or 'joint' (one RMS over both, as scipy's solver in "
+          "score_sde)")
   for field in ("ode_rtol", "ode_atol"):
     value = opts[field]
     if not (isinstance(value, (int, float)) and 0 < value < 1):

@@ -316,14 +316,15 @@ def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
                   model: model_lib.Model, eval_key: jax.Array,
                   dequantization: str, num_draws: int, rtol: float,
                   atol: float, num_probes: int = 1, elbo_draws: int = 0,
-                  elbo_strata: int = 1) -> dict:
+                  elbo_strata: int = 1, error_norm: str = "separate") -> dict:
   """Sums over the real examples of -log P(x) (nats) by the probability-flow
   ODE (`likelihood.dequantized_log_likelihood`: its K-draw importance-
   weighted bound), their squares, 'count' and 'nfe' (this batch's network
   evaluations, all draws). The divergence is exact up to 64 dimensions
   (toy data), Hutchinson's estimate with `num_probes` Rademacher probes
   above (each evaluation then takes one forward pass and `num_probes`
-  vjps).
+  vjps). `rtol`, `atol`, `error_norm`: the solver's (`likelihood.
+  ode_log_density`).
 
   With `elbo_draws` K > 0 also 'diff_total' and 'diff_total_sq': the sums
   of each example's ODE figure minus its ELBO (`elbo_per_example`: the
@@ -340,6 +341,7 @@ def ode_eval_step(params, batch: dict, batch_index: jax.Array, *,
       model.eps_fn(params, labels), model.gamma_fn(params), x,
       model.vocab_size, key, dequantization=dequantization,
       num_draws=num_draws, num_probes=num_probes, rtol=rtol, atol=atol,
+      error_norm=error_norm,
       divergence="exact" if model.num_dims <= 64 else "hutchinson")
   nats = -bound
   sums = {"ode_total": jnp.sum(nats * mask),

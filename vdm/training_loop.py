@@ -93,7 +93,7 @@ class Trainer:
             dequantization=opts["dequantization"],
             num_draws=opts["ode_num_draws"],
             num_probes=opts["ode_num_probes"], rtol=opts["ode_rtol"],
-            atol=opts["ode_atol"],
+            atol=opts["ode_atol"], error_norm=opts["ode_error_norm"],
             # 'both': each example's ODE figure minus its ELBO, paired.
             elbo_draws=opts["num_draws"] if opts["estimator"] == "both" else 0,
             elbo_strata=strata),
@@ -160,6 +160,8 @@ class Trainer:
       ode["dequantization"] = opts["dequantization"]
       ode["ode_num_draws"] = opts["ode_num_draws"]
       ode["ode_num_probes"] = opts["ode_num_probes"]
+      for field in ("ode_rtol", "ode_atol", "ode_error_norm"):
+        ode[field] = opts[field]
       ode["ode_num_examples"] = ode.pop("num_examples")
       if estimator == "ode":
         result = {"bpd": ode["bpd_ode"], "bpd_se": ode["bpd_ode_se"],
