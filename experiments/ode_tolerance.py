@@ -37,8 +37,16 @@ def _parse_setting(text: str) -> tuple[str, float, str]:
   if len(parts) not in (2, 3):
     raise ValueError(f"setting {text!r}: expected error_norm:tol[:t|gamma], "
                      "e.g. separate:1e-5")
-  norm, tol = parts[0], float(parts[1])
-  time_variable = parts[2] if len(parts) == 3 else "t"
+  norm, time_variable = parts[0], parts[2] if len(parts) == 3 else "t"
+  try:
+    tol = float(parts[1])
+  except ValueError:
+    tol = -1.0
+  if (norm not in ("separate", "joint") or time_variable not in ("t", "gamma")
+      or not 0 < tol < 1):
+    raise ValueError(f"setting {text!r}: expected error_norm:tol[:t|gamma] "
+                     "with error_norm separate or joint and 0 < tol < 1, "
+                     "e.g. separate:1e-5")
   return norm, tol, time_variable
 
 
