@@ -68,6 +68,14 @@ OFFICIAL_PRESETS = {"tiny": dict(sm_n_layer=2, sm_n_embd=32),
                     "cifar10": dict(sm_n_layer=32, sm_n_embd=128)}
 
 
+def require_run(parser, workdir: str) -> None:
+  """Stops the script with a one-line message when `workdir` holds no
+  trained run (the scripts that read one call this before importing JAX)."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    parser.error(f"{workdir} holds no run (config.json); train one first, "
+                 "e.g. `make demo` for runs/demo")
+
+
 def peak_rss_mb() -> float:
   """This process's peak resident memory so far, in MB."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB

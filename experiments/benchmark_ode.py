@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
 import time
 
@@ -53,9 +52,7 @@ def main():
     parser.error(f"--num_probes={args.num_probes!r}: expected ints, e.g. 1,4")
   if args.batch_size < 1 or min(probe_counts) < 1:
     parser.error("--batch_size and every --num_probes must be >= 1")
-  if not os.path.exists(os.path.join(args.workdir, "config.json")):
-    parser.error(f"{args.workdir} holds no run (config.json); train one "
-                 "first, e.g. `make demo` for runs/demo")
+  _bench.require_run(parser, args.workdir)
   runtime.reexec_with_allocator()
   # pylint: disable=g-import-not-at-top
   import jax

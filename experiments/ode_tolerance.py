@@ -21,7 +21,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
 import time
 
@@ -73,9 +72,7 @@ def main():
     parser.error(str(error))
   if args.num_images < 1 or args.batch_size < 1:
     parser.error("--num_images and --batch_size must be >= 1")
-  if not os.path.exists(os.path.join(args.workdir, "config.json")):
-    parser.error(f"{args.workdir} holds no run (config.json); train one "
-                 "first, e.g. `make demo` for runs/demo")
+  _bench.require_run(parser, args.workdir)
   runtime.reexec_with_allocator()
   # pylint: disable=g-import-not-at-top
   import jax
